@@ -1,0 +1,1 @@
+"""pdserve cluster layer: CLI now; workers, KV transport, router, planner and state later."""

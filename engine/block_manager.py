@@ -1,0 +1,144 @@
+"""Paged KV block pool with a prefix cache.
+
+Every full block of a sequence is named by a hash chain over its tokens (hash of the parent
+block's hash and this block's token ids), so two sequences with the same prefix map to the same
+physical blocks. Blocks carry reference counts; a block whose count drops to zero goes to the
+tail of the free queue but keeps its hash, so a later request can revive it. Allocation takes
+from the head of the queue (least recently freed) and evicts whatever hash it carried.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+
+from engine.request import Request
+
+NO_HASH = -1
+
+
+def hash_block(parent_hash: int, token_ids: list[int] | tuple[int, ...]) -> int:
+    """Stable 63-bit hash of (parent block hash, token ids): the same across processes and hosts."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(parent_hash.to_bytes(8, "little", signed=True))
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+class BlockManager:
+    """Owns the block pool: `lookup_prefix / can_allocate / allocate / cache_full_blocks / free`."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash = [NO_HASH] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        # Free blocks in LRU order (insertion order = time freed). Values unused.
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.prefix_queries = 0
+        self.prefix_hits = 0  # counted in blocks
+
+    # ----- queries -----
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def lookup_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Cached blocks covering a prefix of `token_ids`: (block ids, their hashes).
+
+        The last token is never served from cache: a request must compute at least one token
+        to produce logits.
+        """
+        if not self.enable_prefix_caching:
+            return [], []
+        ids: list[int] = []
+        hashes: list[int] = []
+        parent = NO_HASH
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        self.prefix_queries += max_blocks
+        for i in range(max_blocks):
+            h = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            ids.append(block)
+            hashes.append(h)
+            parent = h
+        self.prefix_hits += len(ids)
+        return ids, hashes
+
+    def num_new_blocks(self, req: Request, num_total_tokens: int, cached: list[int] = ()) -> int:
+        have = len(req.block_ids) + len(cached)
+        return max(0, self.blocks_needed(num_total_tokens) - have)
+
+    def can_allocate(self, req: Request, num_total_tokens: int, cached: list[int] = ()) -> bool:
+        # Cached blocks sitting in the free queue are taken out of it when touched.
+        revived = sum(1 for b in cached if self.ref_counts[b] == 0)
+        return self.num_new_blocks(req, num_total_tokens, cached) + revived <= self.num_free_blocks
+
+    # ----- mutations -----
+    def allocate(self, req: Request, num_total_tokens: int, cached: list[int] = (), cached_hashes: list[int] = ()) -> bool:
+        """Give `req` blocks for `num_total_tokens` tokens, reusing `cached` prefix blocks first."""
+        if not self.can_allocate(req, num_total_tokens, cached):
+            return False
+        for b in cached:
+            if self.ref_counts[b] == 0:
+                del self.free_queue[b]
+            self.ref_counts[b] += 1
+        req.block_ids.extend(cached)
+        req.block_hashes.extend(cached_hashes)
+        for _ in range(self.num_new_blocks(req, num_total_tokens)):
+            req.block_ids.append(self._take_free_block())
+        return True
+
+    def _take_free_block(self) -> int:
+        block, _ = self.free_queue.popitem(last=False)
+        h = self.block_hash[block]
+        if h != NO_HASH:
+            # Evict: the cached content is about to be overwritten.
+            if self.hash_to_block.get(h) == block:
+                del self.hash_to_block[h]
+            self.block_hash[block] = NO_HASH
+        self.ref_counts[block] = 1
+        return block
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the hashes of blocks that became full of computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
+        tokens = req.all_token_ids
+        while len(req.block_hashes) < num_full:
+            i = len(req.block_hashes)
+            parent = req.block_hashes[-1] if req.block_hashes else NO_HASH
+            h = hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
+            req.block_hashes.append(h)
+            block = req.block_ids[i]
+            if self.block_hash[block] == NO_HASH and h not in self.hash_to_block:
+                self.block_hash[block] = h
+                self.hash_to_block[h] = block
+
+    def free(self, req: Request) -> None:
+        """Drop `req`'s references; its blocks stay cached until evicted. Tail blocks go first."""
+        for block in reversed(req.block_ids):
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] >= 0, f"block {block} freed twice"
+            if self.ref_counts[block] == 0:
+                self.free_queue[block] = None
+        req.block_ids = []
+        req.block_hashes = []
+
+    def reset_prefix_cache(self) -> None:
+        for block in self.free_queue:
+            self.block_hash[block] = NO_HASH
+        self.hash_to_block = {h: b for h, b in self.hash_to_block.items() if self.ref_counts[b] > 0}

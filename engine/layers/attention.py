@@ -1,0 +1,105 @@
+"""Attention over the paged KV cache.
+
+The cache of one layer is a tensor [num_blocks, 2, block_size, kv_heads, head_dim]: block id b
+names the same bytes on every layer, which is what makes export/import by block id possible.
+New keys/values are written to their slots first; then decode tokens (one query each) are
+attended in one batched call over their gathered blocks, and each prefill chunk in its own call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillSegment:
+    start: int  # first row of this request's tokens in the flat batch
+    end: int
+    context_len: int  # tokens of KV after this step (cached + computed + new)
+    block_table: torch.Tensor  # [num_blocks_for_context] long
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each new token's KV goes and which blocks each query reads. Built once per step."""
+
+    slot_blocks: torch.Tensor  # [T] block id of each new token
+    slot_offsets: torch.Tensor  # [T] offset inside the block
+    decode_rows: torch.Tensor | None  # [B] rows of the single-token queries
+    decode_block_table: torch.Tensor | None  # [B, max_blocks], padded with block 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks*block_size] bool, None if nothing is padded
+    prefills: tuple[PrefillSegment, ...]
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    kv_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
+    kv_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+
+
+def _gather(kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks -> contiguous [..., kv_heads, tokens, head_dim] keys and values."""
+    blocks = kv_cache[block_table]  # [..., nb, 2, bs, kvh, hd]
+    shape = blocks.shape
+    k = blocks.select(-4, 0).reshape(*shape[:-5], shape[-5] * shape[-3], shape[-2], shape[-1])
+    v = blocks.select(-4, 1).reshape(*shape[:-5], shape[-5] * shape[-3], shape[-2], shape[-1])
+    return k.transpose(-3, -2), v.transpose(-3, -2)
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, KVH, D] for the new tokens. Returns [T, H*D]."""
+    write_kv(kv_cache, k, v, meta)
+    T, H, D = q.shape
+    gqa = H != k.shape[1]
+    out = q.new_empty(T, H, D)
+    if meta.decode_rows is not None:
+        kd, vd = _gather(kv_cache, meta.decode_block_table)  # [B, KVH, L, D]
+        qd = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, D]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
+        out[meta.decode_rows] = od.squeeze(2)
+    for seg in meta.prefills:
+        n = seg.end - seg.start
+        qs = q[seg.start : seg.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if seg.context_len == n:
+            # Whole prompt computed in this step: attend to the fresh k/v, plain causal mask.
+            ks = k[seg.start : seg.end].transpose(0, 1).unsqueeze(0)
+            vs = v[seg.start : seg.end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            ks, vs = _gather(kv_cache, seg.block_table)  # [KVH, L_padded, D]
+            ks = ks[:, : seg.context_len].unsqueeze(0)
+            vs = vs[:, : seg.context_len].unsqueeze(0)
+            # Query i sits at position context_len - n + i and sees keys up to that position.
+            q_pos = torch.arange(seg.context_len - n, seg.context_len).unsqueeze(1)
+            mask = torch.arange(seg.context_len).unsqueeze(0) <= q_pos
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[seg.start : seg.end] = o.squeeze(0).transpose(0, 1)
+    return out.reshape(T, H * D)
+
+
+class Attention(torch.nn.Module):
+    """Self-attention block: fused qkv projection, rotary, paged attention, output projection."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool = False) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
+        self.scale = head_dim**-0.5
+        self.qkv_proj = torch.nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = torch.nn.Linear(self.q_size, hidden_size, bias=bias)
+        self.kv_cache: torch.Tensor | None = None  # bound by the model runner
+
+    def forward(self, x: torch.Tensor, rope, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = rope.apply(q.view(T, self.num_heads, self.head_dim), cos, sin)
+        k = rope.apply(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        o = paged_attention(q, k, v, self.kv_cache, meta, self.scale)
+        return self.o_proj(o)

@@ -1,0 +1,89 @@
+"""Mixture-of-experts block: top-k softmax routing (ERNIE-4.5 gating), routed and shared experts.
+
+Routing follows transformers' Ernie4_5_Moe exactly: float32 router logits, softmax over all
+experts, top-k chosen on the probabilities plus a per-expert correction bias, the chosen
+(unbiased) probabilities renormalised by max(sum, norm_min).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.layers.mlp import GatedMLP
+
+
+class TopKRouter(torch.nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_min: float) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.norm_min = norm_min
+        # Kept in float32 whatever the model dtype, as the reference does.
+        self.weight = torch.nn.Parameter(torch.zeros(num_experts, hidden_size), requires_grad=False)
+        self.e_score_correction_bias = torch.nn.Parameter(torch.zeros(num_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights [T, k] in x.dtype, expert ids [T, k])."""
+        logits = F.linear(x.float(), self.weight)
+        probs = F.softmax(logits, dim=1, dtype=torch.float)
+        _, ids = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1)
+        weights = probs.gather(-1, ids)
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=self.norm_min)
+        return weights.to(x.dtype), ids
+
+
+class Experts(torch.nn.Module):
+    """The routed experts' weights stacked: gate_up [E, 2I, H], down [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up = torch.nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
+        self.down = torch.nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self.last_expert_counts = torch.zeros(num_experts, dtype=torch.int64)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        T, k = ids.shape
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        self.last_expert_counts = counts
+        token_of = order // k  # which token each sorted slot belongs to
+        slot_weight = weights.reshape(-1)[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            rows = token_of[start : start + n]
+            gate, up = F.linear(x[rows], self.gate_up[e]).split(self.intermediate_size, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down[e]) * slot_weight[start : start + n, None]
+            out.index_add_(0, rows, y)
+            start += n
+        return out
+
+
+class SparseMoE(torch.nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        moe_intermediate_size: int,
+        num_shared_experts: int,
+        norm_min: float,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.gate = TopKRouter(hidden_size, num_experts, top_k, norm_min)
+        self.experts = Experts(num_experts, hidden_size, moe_intermediate_size)
+        self.shared_experts = (
+            GatedMLP(hidden_size, moe_intermediate_size * num_shared_experts, bias=bias) if num_shared_experts > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

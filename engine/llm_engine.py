@@ -1,0 +1,367 @@
+"""LLMEngine: the streaming step API (add_request / step / abort) over scheduler and model runner.
+
+A step is: schedule -> execute -> update computed tokens -> sample -> detokenize -> check stops.
+The KV seam for disaggregation lives here too: a request added with `hold_kv=True` stops after
+its first token and keeps its blocks pinned until `release_kv`; `add_prefilled_request` allocates
+blocks on another engine, the caller writes the exported KV into them, and `finish_kv_import`
+lets the request continue decoding from its first token.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import CacheConfig, DEFAULT_MAX_MODEL_LEN_CAP, EngineConfig, ModelConfig, SchedulerConfig
+from engine.detokenizer import IncrementalDetokenizer, find_stop
+from engine.layers.sampler import sample
+from engine.loader import load_config, load_tokenizer, resolve_model_path
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVImport:
+    """Blocks allocated on the receiving engine; the first `num_cached_blocks` are already there."""
+
+    block_ids: tuple[int, ...]
+    num_cached_blocks: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_holding_kv: int
+    num_waiting_for_kv: int
+    num_free_blocks: int
+    num_blocks: int
+    prefix_cache_queries: int  # in blocks
+    prefix_cache_hits: int  # in blocks
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Any | None = None, device: str = "cpu") -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(config, device)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.requests: dict[str, Request] = {}  # every unfinished request (children for n > 1)
+        self.children: dict[str, list[str]] = {}  # parent id -> child ids
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_args(
+        cls,
+        model: str | None = None,
+        *,
+        dtype: str = "bfloat16",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory_gb: float = 1.0,
+        enable_prefix_caching: bool = True,
+        quantization: str | None = None,
+        device: str = "cpu",
+        load_tokenizer_: bool = True,
+    ) -> "LLMEngine":
+        """Build from vLLM-style arguments; `model=None` serves the default model."""
+        path = resolve_model_path(model)
+        hf = load_config(path)
+        mc = ModelConfig.from_hf_config(str(path), hf, dtype, quantization)
+        if max_model_len is None:
+            max_model_len = min(mc.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
+        config = EngineConfig(
+            model=mc,
+            cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb, enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+        )
+        tokenizer = load_tokenizer(path) if load_tokenizer_ and _has_tokenizer(path) else None
+        return cls(config, tokenizer, device)
+
+    # ----- requests in -----
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = set(self.config.model.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))
+
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
+        return list(self.tokenizer(prompt).input_ids)
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        limit = self.config.scheduler.max_model_len
+        if not token_ids:
+            raise ValueError("prompt is empty: at least one token is required")
+        if len(token_ids) >= limit:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens but max_model_len is {limit} "
+                f"(the prompt must leave room for at least one generated token)"
+            )
+        vocab = self.config.model.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        need = self.block_manager.blocks_needed(len(token_ids) + 1)
+        if need > self.block_manager.num_blocks:
+            raise ValueError(f"prompt needs {need} KV blocks but the cache has only {self.block_manager.num_blocks}")
+
+    def _make_requests(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None, hold_kv: bool
+    ) -> list[Request]:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self.children:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self._validate_prompt(token_ids)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        if hold_kv and params.n != 1:
+            raise ValueError("n > 1 is not supported for a request that holds its KV for export")
+        reqs = []
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            seed = None if params.seed is None else params.seed + i
+            reqs.append(Request(child_id, token_ids, params, eos_token_ids=self.eos_token_ids, prompt=text,
+                                seed=seed, parent_id=request_id, index=i, hold_kv=hold_kv))
+        return reqs
+
+    def _register(self, request_id: str, reqs: list[Request]) -> None:
+        self.children[request_id] = [r.request_id for r in reqs]
+        for r in reqs:
+            self.requests[r.request_id] = r
+            if self.tokenizer is not None:
+                self.detokenizers[r.request_id] = IncrementalDetokenizer(
+                    self.tokenizer, r.prompt_token_ids, r.params.skip_special_tokens
+                )
+        self.prompt_tokens_total += reqs[0].num_prompt_tokens
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *, hold_kv: bool = False
+    ) -> None:
+        """Queue a request (text or token ids). Bad input raises ValueError and changes nothing."""
+        reqs = self._make_requests(request_id, prompt, params, hold_kv)
+        self._register(request_id, reqs)
+        for r in reqs:
+            self.scheduler.add(r)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request in any state and free its blocks. Unknown ids are ignored."""
+        for child_id in self.children.pop(request_id, []):
+            req = self.requests.pop(child_id, None)
+            self.detokenizers.pop(child_id, None)
+            if req is None:
+                continue
+            if req.status in (RequestStatus.HOLDING_KV, RequestStatus.WAITING_FOR_KV):
+                self.block_manager.free(req)
+                req.status = RequestStatus.FINISHED_ABORTED
+            else:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    # ----- one step -----
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns a snapshot for every request that produced a token."""
+        out = self.scheduler.schedule()
+        if out.empty:
+            return self._fail_unschedulable()
+        to_sample = [s.request for s in out.scheduled if s.samples]
+        logits = self.runner.execute(out)
+        self.scheduler.update_after_step(out)
+        progressed: dict[str, Request] = {}
+        for req, result in zip(to_sample, sample(logits, to_sample)):
+            self._append(req, result.token_id, result.logprobs)
+            progressed[req.request_id] = req
+        return self._snapshots(progressed.values())
+
+    def _fail_unschedulable(self) -> list[RequestOutput]:
+        # Nothing ran although requests wait: the head of the queue cannot fit even in an empty
+        # pool (its context outgrew the cache). End it rather than spin forever.
+        if self.scheduler.waiting and not self.scheduler.running:
+            req = self.scheduler.waiting[0]
+            logger.warning("request %s needs more KV blocks than the cache has; finishing it", req.request_id)
+            req.new_token_ids, req.new_text = (), ""
+            self._finish(req, RequestStatus.FINISHED_LENGTH)
+            return self._snapshots([req])
+        return []
+
+    def _append(self, req: Request, token: int, logprobs: dict[int, float] | None) -> None:
+        p = req.params
+        req.append_token(token)
+        self.generation_tokens_total += 1
+        if req.logprobs is not None and logprobs is not None:
+            req.logprobs.append(logprobs)
+        old_text = req.output_text
+        status: RequestStatus | None = None
+        stops_allowed = req.num_output_tokens >= p.min_tokens
+        if stops_allowed and ((not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids):
+            status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = token if token in p.stop_token_ids else None
+        else:
+            detok = self.detokenizers.get(req.request_id)
+            if detok is not None:
+                delta = detok.add(token)
+                req.output_text += delta
+                hit = find_stop(req.output_text, len(delta), p.stop) if stops_allowed else None
+                if hit is not None:
+                    start, stop = hit
+                    req.output_text = req.output_text[: start + (len(stop) if p.include_stop_str_in_output else 0)]
+                    status = RequestStatus.FINISHED_STOPPED
+                    req.stop_reason = stop
+        if status is None and (
+            req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.config.scheduler.max_model_len
+        ):
+            status = RequestStatus.FINISHED_LENGTH
+        req.new_token_ids = (token,)
+        req.new_text = req.output_text[len(old_text) :] if req.output_text.startswith(old_text) else req.output_text
+        if status is not None:
+            self._finish(req, status)
+        elif req.hold_kv:
+            self.scheduler.finish(req, RequestStatus.HOLDING_KV)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        self.detokenizers.pop(req.request_id, None)
+
+    def _snapshots(self, reqs) -> list[RequestOutput]:
+        by_parent: dict[str, list[Request]] = {}
+        for r in reqs:
+            by_parent.setdefault(r.parent_id, []).append(r)
+        outputs = []
+        for parent, rs in by_parent.items():
+            completions = tuple(_completion(r) for r in rs)
+            siblings = [self.requests[c] for c in self.children.get(parent, []) if c in self.requests]
+            done = all(s.status.finished or s.status is RequestStatus.HOLDING_KV for s in siblings)
+            first = rs[0]
+            outputs.append(RequestOutput(parent, first.prompt, tuple(first.prompt_token_ids), completions, done,
+                                         first.num_cached_tokens, kv_held=first.status is RequestStatus.HOLDING_KV))
+            if done:
+                for s in siblings:
+                    if s.status.finished:
+                        self.requests.pop(s.request_id, None)
+                if not any(c in self.requests for c in self.children.get(parent, [])):
+                    self.children.pop(parent, None)
+        return outputs
+
+    # ----- KV seam: export side -----
+    def _held(self, request_id: str) -> Request:
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.HOLDING_KV:
+            raise ValueError(f"request {request_id!r} is not holding KV for export")
+        return req
+
+    def held_kv_blocks(self, request_id: str) -> tuple[int, ...]:
+        """Block ids holding the prompt's KV of a finished `hold_kv` request, in token order."""
+        req = self._held(request_id)
+        return tuple(req.block_ids[: self.block_manager.blocks_needed(req.num_computed_tokens)])
+
+    def export_kv(self, request_id: str, out: torch.Tensor | None = None, start_block: int = 0) -> torch.Tensor:
+        """Copy a held request's prompt KV (from block `start_block` on) into a buffer."""
+        return self.runner.export_blocks(list(self.held_kv_blocks(request_id)[start_block:]), out)
+
+    def release_kv(self, request_id: str) -> None:
+        """The receiver has the KV (or gave up): unpin the blocks. They stay in the prefix cache."""
+        req = self._held(request_id)
+        self.block_manager.free(req)
+        req.status = RequestStatus.FINISHED_STOPPED
+        self.requests.pop(request_id, None)
+        self.children.pop(req.parent_id, None)
+
+    # ----- KV seam: import side -----
+    def add_prefilled_request(
+        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams | None = None
+    ) -> KVImport:
+        """Allocate blocks for a prompt prefilled elsewhere; reuses this engine's prefix cache."""
+        (req,) = self._make_requests(request_id, list(prompt_token_ids), params, hold_kv=False)
+        cached, hashes = self.block_manager.lookup_prefix(req.prompt_token_ids)
+        if not self.block_manager.allocate(req, req.num_prompt_tokens, cached, hashes):
+            raise MemoryError(f"no KV blocks free for {req.num_prompt_tokens} tokens of request {request_id!r}")
+        req.num_cached_tokens = len(cached) * self.block_manager.block_size
+        req.status = RequestStatus.WAITING_FOR_KV
+        self._register(request_id, [req])
+        req.pending_first_token = int(first_token_id)
+        return KVImport(tuple(req.block_ids), len(cached))
+
+    def import_kv(self, request_id: str, data: torch.Tensor, start_block: int = 0) -> None:
+        """Write exported KV into the request's blocks from `start_block` on."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.WAITING_FOR_KV:
+            raise ValueError(f"request {request_id!r} is not waiting for KV")
+        self.runner.import_blocks(req.block_ids[start_block : start_block + data.shape[1]], data)
+
+    def finish_kv_import(self, request_id: str) -> list[RequestOutput]:
+        """The KV is in place: the request continues from its first token. Returns its first snapshot."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.WAITING_FOR_KV:
+            raise ValueError(f"request {request_id!r} is not waiting for KV")
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.block_manager.cache_full_blocks(req)
+        self.scheduler.add_running(req)
+        self._append(req, req.pending_first_token, None)
+        return self._snapshots([req])
+
+    # ----- introspection -----
+    def stats(self) -> EngineStats:
+        held = sum(1 for r in self.requests.values() if r.status is RequestStatus.HOLDING_KV)
+        importing = sum(1 for r in self.requests.values() if r.status is RequestStatus.WAITING_FOR_KV)
+        bm = self.block_manager
+        return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running), held, importing,
+                           bm.num_free_blocks, bm.num_blocks, bm.prefix_queries, bm.prefix_hits,
+                           self.scheduler.num_preemptions, self.prompt_tokens_total, self.generation_tokens_total)
+
+    def leaks(self) -> list[str]:
+        """Everything that should be empty when no request is in flight (for tests and drains)."""
+        problems = []
+        if self.requests:
+            problems.append(f"requests still tracked: {sorted(self.requests)}")
+        if self.scheduler.waiting or self.scheduler.running:
+            problems.append(f"queues not empty: waiting={len(self.scheduler.waiting)} running={len(self.scheduler.running)}")
+        used = [b for b, c in enumerate(self.block_manager.ref_counts) if c]
+        if used or self.block_manager.num_free_blocks != self.block_manager.num_blocks:
+            problems.append(f"blocks still referenced: {used[:10]}")
+        return problems
+
+
+def _completion(r: Request) -> CompletionOutput:
+    return CompletionOutput(
+        index=r.index,
+        text=r.output_text,
+        token_ids=tuple(r.output_token_ids),
+        finish_reason=r.status.finish_reason,
+        stop_reason=r.stop_reason,
+        logprobs=tuple(r.logprobs) if r.logprobs is not None else None,
+        new_token_ids=r.new_token_ids,
+        new_text=r.new_text,
+    )
+
+
+def _has_tokenizer(path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))

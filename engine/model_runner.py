@@ -1,0 +1,140 @@
+"""ModelRunner: owns the model weights on the device, the KV cache tensors, and one forward step.
+
+It turns a scheduler step into flat tensors (token ids, positions, KV slots, per-request block
+tables), runs the model, and returns float32 logits only for the requests that sample. It also
+copies whole blocks out of and into the KV cache by block id: the disaggregation seam.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.config import EngineConfig
+from engine.layers.attention import AttentionMetadata, PrefillSegment
+from engine.loader import iter_weights
+from engine.models.registry import build_model
+from engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: str | torch.device = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        mc = config.model
+        self.block_size = config.cache.block_size
+        t0 = time.monotonic()
+        with torch.device("meta"):
+            model = build_model(mc.architecture, mc.hf_config)
+        model = model.to_empty(device=self.device)
+        model.rope.reset()
+        model.load_weights(iter_weights(mc.path), mc.dtype)
+        model.rope.cos, model.rope.sin = model.rope.cos.to(self.device), model.rope.sin.to(self.device)
+        if mc.quantization:
+            from engine.layers.quantize_model import quantize_model
+
+            quantize_model(model, mc.quantization)
+        self.model = model.eval()
+        logger.info("loaded %s (%s, %s) in %.1fs", mc.path, mc.architecture, mc.dtype_name, time.monotonic() - t0)
+
+        self.kv_shape_per_block = (2, self.block_size, mc.num_kv_heads, mc.head_dim)
+        bytes_per_block = mc.num_layers * 2 * self.block_size * mc.num_kv_heads * mc.head_dim * mc.dtype.itemsize
+        self.num_blocks = config.cache.resolve_num_blocks(bytes_per_block)
+        self.kv_caches = [
+            torch.zeros(self.num_blocks, *self.kv_shape_per_block, dtype=mc.dtype, device=self.device)
+            for _ in range(mc.num_layers)
+        ]
+        for layer, cache in zip(self.model.layers, self.kv_caches):
+            layer.self_attn.kv_cache = cache
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
+                    self.num_blocks * bytes_per_block / 2**20)
+
+    # ----- one step -----
+    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_blocks: list[int] = []
+        slot_offsets: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSegment] = []
+        sample_rows: list[int] = []
+        for s in out.scheduled:
+            req = s.request
+            start_pos = req.num_computed_tokens
+            end_pos = start_pos + s.num_new_tokens
+            row0 = len(input_ids)
+            input_ids.extend(req.all_token_ids[start_pos:end_pos])
+            pos = range(start_pos, end_pos)
+            positions.extend(pos)
+            blocks = req.block_ids
+            slot_blocks.extend(blocks[p // bs] for p in pos)
+            slot_offsets.extend(p % bs for p in pos)
+            num_ctx_blocks = (end_pos + bs - 1) // bs
+            if s.num_new_tokens == 1:
+                decode_rows.append(row0)
+                decode_tables.append(blocks[:num_ctx_blocks])
+                decode_lens.append(end_pos)
+            else:
+                table = torch.tensor(blocks[:num_ctx_blocks], dtype=torch.long, device=self.device)
+                prefills.append(PrefillSegment(row0, len(input_ids), end_pos, table))
+            if s.samples:
+                sample_rows.append(len(input_ids) - 1)
+
+        dev = self.device
+        decode_rows_t = decode_table_t = decode_mask = None
+        if decode_rows:
+            width = max(len(t) for t in decode_tables)
+            decode_rows_t = torch.tensor(decode_rows, dtype=torch.long, device=dev)
+            decode_table_t = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
+            if any(n != width * bs for n in decode_lens):
+                lens = torch.tensor(decode_lens, device=dev)
+                decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        meta = AttentionMetadata(
+            slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=dev),
+            slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=dev),
+            decode_rows=decode_rows_t,
+            decode_block_table=decode_table_t,
+            decode_mask=decode_mask,
+            prefills=tuple(prefills),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids, pos_t, meta, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Run one step; returns float32 logits [num_sampling_requests, vocab] on the CPU."""
+        ids, positions, meta, sample_rows = self._prepare(out)
+        hidden = self.model(ids, positions, meta)
+        if not sample_rows:
+            return torch.empty(0, self.config.model.vocab_size)
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        return logits.cpu()
+
+    # ----- KV export / import by block id -----
+    def export_blocks(self, block_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy blocks into `out` [num_layers, n, 2, block_size, kv_heads, head_dim] (allocated if None)."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        shape = (len(self.kv_caches), len(block_ids), *self.kv_shape_per_block)
+        if out is None:
+            out = torch.empty(shape, dtype=self.config.model.dtype, device=self.device)
+        elif tuple(out.shape) != shape or out.dtype != self.config.model.dtype:
+            raise ValueError(f"export buffer is {tuple(out.shape)} {out.dtype}, need {shape} {self.config.model.dtype}")
+        for layer, cache in enumerate(self.kv_caches):
+            torch.index_select(cache, 0, idx, out=out[layer])
+        return out
+
+    def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Write `data` (as produced by export_blocks) into the given blocks of this cache."""
+        shape = (len(self.kv_caches), len(block_ids), *self.kv_shape_per_block)
+        if tuple(data.shape) != shape:
+            raise ValueError(f"imported KV has shape {tuple(data.shape)}, expected {shape}")
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for layer, cache in enumerate(self.kv_caches):
+            cache.index_copy_(0, idx, data[layer].to(device=self.device, dtype=cache.dtype))

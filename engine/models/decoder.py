@@ -1,0 +1,191 @@
+"""A pre-norm decoder-only transformer shared by the supported architectures.
+
+Architectures differ in small ways (rotary style, biases, which layers are MoE, weight names);
+each model file states those differences and maps checkpoint names onto this module tree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.mlp import GatedMLP
+from engine.layers.moe import SparseMoE
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding, rope_theta
+
+
+# How many of the highest bf16 logits are re-scored in float32 (see compute_logits).
+REFINE_TOP = 16
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    num_shared_experts: int
+    norm_min: float
+    layer_ids: frozenset[int]
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The architecture-specific choices, read from config.json by each model file."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position: int
+    interleaved_rope: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    moe: MoESpec | None = None
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> "DecoderSpec":
+        heads = int(hf["num_attention_heads"])
+        fields = dict(
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+            vocab_size=int(hf["vocab_size"]),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta(hf),
+            max_position=int(hf.get("max_position_embeddings") or 8192),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, spec: DecoderSpec, layer_id: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.attention_bias)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        moe = spec.moe
+        if moe is not None and layer_id in moe.layer_ids:
+            self.mlp: torch.nn.Module = SparseMoE(
+                spec.hidden_size, moe.num_experts, moe.top_k, moe.intermediate_size, moe.num_shared_experts,
+                moe.norm_min, spec.mlp_bias,
+            )
+        else:
+            self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderForCausalLM(torch.nn.Module):
+    """Token ids + positions + attention metadata -> hidden states; `compute_logits` for the rows sampled."""
+
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = torch.nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = torch.nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = torch.nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.interleaved_rope)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # The residual stream stays float32 in every dtype: in bf16 each layer's output is
+        # rounded once, not the running sum, which keeps bf16 greedy output close to float32.
+        x = self.embed_tokens(input_ids).float()
+        cos, sin = self.rope.cos_sin(positions)
+        for layer in self.layers:
+            x = layer(x, self.rope, cos, sin, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits. In bf16 the head's output is rounded to 8 bits of mantissa (steps of
+        0.125 near a logit of 25), which turns close calls at the top into ties that argmax
+        breaks by token id; the top candidates are therefore re-scored in float32."""
+        logits = self.lm_head(hidden).float()
+        if hidden.dtype != torch.float32 and isinstance(self.lm_head, torch.nn.Linear):
+            cand = logits.topk(min(REFINE_TOP, logits.shape[-1]), dim=-1).indices  # [B, k]
+            rows = self.lm_head.weight[cand].float()  # [B, k, H]
+            exact = torch.einsum("bkh,bh->bk", rows, hidden.float())
+            logits.scatter_(1, cand, exact)
+        return logits
+
+    # ----- weights -----
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+        """Copy checkpoint tensors (transformers' names) into this module tree; missing ones are an error."""
+        w = {name.removeprefix("model."): t for name, t in weights}
+        used: set[str] = set()
+
+        def take(name: str) -> torch.Tensor:
+            if name not in w:
+                raise ValueError(f"checkpoint is missing weight {name!r}")
+            used.add(name)
+            return w[name]
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return take(name) if name in w else None
+
+        def put(param: torch.nn.Parameter, tensor: torch.Tensor, keep_fp32: bool = False) -> None:
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ValueError(f"weight shape {tuple(tensor.shape)} does not match {tuple(param.shape)}")
+            param.data = tensor.to(torch.float32 if keep_fp32 else dtype).contiguous()
+
+        def load_linear(mod: torch.nn.Linear, prefixes: list[str]) -> None:
+            put(mod.weight, torch.cat([take(p + ".weight") for p in prefixes]))
+            if mod.bias is not None:
+                put(mod.bias, torch.cat([take(p + ".bias") for p in prefixes]))
+
+        def load_mlp(mod: GatedMLP, prefix: str) -> None:
+            load_linear(mod.gate_up_proj, [prefix + ".gate_proj", prefix + ".up_proj"])
+            load_linear(mod.down_proj, [prefix + ".down_proj"])
+
+        put(self.embed_tokens.weight, take("embed_tokens.weight"))
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}"
+            put(layer.input_layernorm.weight, take(p + ".input_layernorm.weight"))
+            put(layer.post_attention_layernorm.weight, take(p + ".post_attention_layernorm.weight"))
+            a = p + ".self_attn"
+            load_linear(layer.self_attn.qkv_proj, [a + ".q_proj", a + ".k_proj", a + ".v_proj"])
+            load_linear(layer.self_attn.o_proj, [a + ".o_proj"])
+            if isinstance(layer.mlp, SparseMoE):
+                moe = layer.mlp
+                put(moe.gate.weight, take(p + ".mlp.gate.weight"), keep_fp32=True)
+                bias = maybe(p + ".mlp.moe_statics.e_score_correction_bias")
+                if bias is None:
+                    bias = maybe(p + ".mlp.gate.e_score_correction_bias")
+                if bias is not None:
+                    put(moe.gate.e_score_correction_bias, bias.reshape(-1), keep_fp32=True)
+                n = moe.experts.num_experts
+                e = p + ".mlp.experts"
+                put(moe.experts.gate_up, torch.stack([torch.cat([take(f"{e}.{j}.gate_proj.weight"), take(f"{e}.{j}.up_proj.weight")]) for j in range(n)]))
+                put(moe.experts.down, torch.stack([take(f"{e}.{j}.down_proj.weight") for j in range(n)]))
+                if moe.shared_experts is not None:
+                    load_mlp(moe.shared_experts, p + ".mlp.shared_experts")
+            else:
+                load_mlp(layer.mlp, p + ".mlp")
+        put(self.norm.weight, take("norm.weight"))
+        head = w.get("lm_head.weight")
+        if self.spec.tie_word_embeddings or head is None:
+            self.lm_head.weight = self.embed_tokens.weight
+            used.add("lm_head.weight")
+        else:
+            put(self.lm_head.weight, take("lm_head.weight"))
+        # Buffers that are not parameters (rope tables) stay float32 on purpose.
+        unused = sorted(set(w) - used - {"lm_head.weight"})
+        if unused:
+            raise ValueError(f"checkpoint has weights this model does not use: {unused[:5]}{' ...' if len(unused) > 5 else ''}")

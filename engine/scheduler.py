@@ -1,0 +1,143 @@
+"""Continuous batching under a token budget, with chunked prefill and preemption by recompute.
+
+Each step:
+1. Running requests first, in arrival order: each gets the tokens it still has to compute
+   (1 for a decode, the rest of its prompt or a chunk of it for a prefill), within the budget.
+   When the pool has no block for one, the most recently arrived running request is preempted:
+   its blocks are freed and it goes back to the front of the waiting queue to be recomputed.
+2. Waiting requests next, while budget, sequence slots and blocks allow; their prompt is first
+   matched against the prefix cache so that only the uncached tail is computed.
+A request samples a token only in a step that completes all its known tokens, so prefill,
+chunked prefill, decode and recompute after preemption are the same code path.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last known token, so a token is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledRequest, ...]
+    preempted: tuple[Request, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Owns the waiting and running queues: `add / schedule / update_after_step / finish / abort`."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def add_running(self, req: Request) -> None:
+        """Admit a request whose KV is already in its blocks (imported from another engine)."""
+        if len(self.running) < self.config.max_num_seqs:
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+        else:
+            req.status = RequestStatus.WAITING
+            self.waiting.append(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.block_manager.allocate(req, req.num_computed_tokens + num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                scheduled.append(ScheduledRequest(req, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # req itself was preempted: nothing after it can run either
+
+        # New admissions wait while the pool is under pressure (a preemption happened).
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            cached: list[int] = []
+            hashes: list[int] = []
+            if not req.block_ids:
+                cached, hashes = self.block_manager.lookup_prefix(req.all_token_ids)
+                num_computed = len(cached) * self.block_manager.block_size
+            else:
+                num_computed = req.num_computed_tokens
+            num_new = min(req.num_tokens - num_computed, budget)
+            if not self.block_manager.allocate(req, num_computed + num_new, cached, hashes):
+                break
+            self.waiting.popleft()
+            if req.num_computed_tokens == 0 and req.num_preemptions == 0:
+                req.num_cached_tokens = num_computed
+            req.num_computed_tokens = num_computed
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(ScheduledRequest(req, num_new))
+            budget -= num_new
+
+        return SchedulerOutput(tuple(scheduled), tuple(preempted))
+
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance computed-token counts and publish newly full blocks to the prefix cache."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_full_blocks(s.request)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Take a request out of the queues; free its blocks unless it holds its KV for export."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = status
+        if status is not RequestStatus.HOLDING_KV:
+            self.block_manager.free(req)

@@ -1,0 +1,116 @@
+"""Shared builders: tiny random checkpoints made with transformers' own config classes, and the
+engine leak check that every engine test ends with."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+TINY_COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    # A wide init makes the next-token distribution peaked, so greedy ties (which would make
+    # token-for-token comparisons flaky) do not happen.
+    initializer_range=0.3,
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=None,
+)
+
+
+def _config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**TINY_COMMON, tie_word_embeddings=False, rope_theta=10000.0), tf.LlamaForCausalLM
+    if arch == "llama_tied":
+        return tf.LlamaConfig(**TINY_COMMON, tie_word_embeddings=True), tf.LlamaForCausalLM
+    if arch == "ernie45":
+        return tf.Ernie4_5Config(**TINY_COMMON, head_dim=16, use_bias=True), tf.Ernie4_5ForCausalLM
+    if arch == "ernie45_moe":
+        cfg = tf.Ernie4_5_MoeConfig(
+            **TINY_COMMON, moe_intermediate_size=32, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+        )
+        return cfg, tf.Ernie4_5_MoeForCausalLM
+    raise ValueError(arch)
+
+
+def build_tiny_checkpoint(arch: str, folder: Path, seed: int = 0) -> Path:
+    """Save a tiny randomly initialised float32 checkpoint of `arch` into `folder`."""
+    cfg, cls = _config(arch)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    if arch == "ernie45_moe":
+        # A non-zero correction bias exercises the biased top-k selection.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                gate = getattr(layer.mlp, "gate", None)
+                if gate is not None and hasattr(gate, "moe_statics"):
+                    gate.moe_statics.e_score_correction_bias.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    return folder
+
+
+_CACHE: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint("llama" | "llama_tied" | "ernie45" | "ernie45_moe") -> folder, built once per session."""
+
+    def make(arch: str) -> Path:
+        if arch not in _CACHE:
+            _CACHE[arch] = build_tiny_checkpoint(arch, tmp_path_factory.mktemp(arch))
+        return _CACHE[arch]
+
+    return make
+
+
+def assert_no_leaks(engine) -> None:
+    problems = engine.leaks()
+    assert not problems, "engine leaked: " + "; ".join(problems)
+
+
+@pytest.fixture
+def make_engine():
+    """Builds LLMEngines (tokenizer-less, float32 by default) and leak-checks each after the test."""
+    from engine import LLMEngine
+
+    engines = []
+
+    def make(path: Path, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        kwargs.setdefault("num_kv_blocks", 256)
+        kwargs.setdefault("max_model_len", 512)
+        eng = LLMEngine.from_args(str(path), **kwargs)
+        engines.append(eng)
+        return eng
+
+    yield make
+    for eng in engines:
+        assert_no_leaks(eng)
+
+
+def run_to_completion(engine, prompts, params, prefix="r") -> list[list[int]]:
+    """Add every prompt, step until all finish; returns output token ids per prompt (index 0)."""
+    ids = [f"{prefix}{i}" for i in range(len(prompts))]
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    for rid, p, sp in zip(ids, prompts, plist):
+        engine.add_request(rid, p, sp)
+    result: dict[str, list[int]] = {}
+    for _ in range(100_000):
+        for out in engine.step():
+            if out.finished:
+                result[out.request_id] = list(out.outputs[0].token_ids)
+        if len(result) == len(ids) and not engine.has_unfinished_requests():
+            break
+    return [result[i] for i in ids]
