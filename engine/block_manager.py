@@ -65,7 +65,6 @@ class BlockManager:
         hashes: list[int] = []
         parent = NO_HASH
         max_blocks = (len(token_ids) - 1) // self.block_size
-        self.prefix_queries += max_blocks
         for i in range(max_blocks):
             h = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
             block = self.hash_to_block.get(h)
@@ -74,8 +73,13 @@ class BlockManager:
             ids.append(block)
             hashes.append(h)
             parent = h
-        self.prefix_hits += len(ids)
         return ids, hashes
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_blocks: int) -> None:
+        """Count a lookup once its request was admitted (a blocked head retries every step)."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += (num_tokens - 1) // self.block_size
+            self.prefix_hits += num_hit_blocks
 
     def num_new_blocks(self, req: Request, num_total_tokens: int, cached: list[int] = ()) -> int:
         have = len(req.block_ids) + len(cached)
@@ -131,8 +135,9 @@ class BlockManager:
     def free(self, req: Request) -> None:
         """Drop `req`'s references; its blocks stay cached until evicted. Tail blocks go first."""
         for block in reversed(req.block_ids):
+            if self.ref_counts[block] <= 0:
+                raise RuntimeError(f"block {block} of request {req.request_id!r} freed twice")
             self.ref_counts[block] -= 1
-            assert self.ref_counts[block] >= 0, f"block {block} freed twice"
             if self.ref_counts[block] == 0:
                 self.free_queue[block] = None
         req.block_ids = []

@@ -304,6 +304,7 @@ class LLMEngine:
         cached, hashes = self.block_manager.lookup_prefix(req.prompt_token_ids)
         if not self.block_manager.allocate(req, req.num_prompt_tokens, cached, hashes):
             raise MemoryError(f"no KV blocks free for {req.num_prompt_tokens} tokens of request {request_id!r}")
+        self.block_manager.record_prefix_lookup(req.num_prompt_tokens, len(cached))
         req.num_cached_tokens = len(cached) * self.block_manager.block_size
         req.status = RequestStatus.WAITING_FOR_KV
         self._register(request_id, [req])

@@ -96,10 +96,13 @@ class Scheduler:
 
         # New admissions wait while the pool is under pressure (a preemption happened).
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
-            req = self.waiting[0]
+            # A request that already holds blocks (imported KV) goes first: it needs few or no
+            # new blocks, and while it waits its blocks could starve the queue head forever.
+            req = next((r for r in self.waiting if r.block_ids), self.waiting[0])
             cached: list[int] = []
             hashes: list[int] = []
-            if not req.block_ids:
+            looked_up = not req.block_ids
+            if looked_up:
                 cached, hashes = self.block_manager.lookup_prefix(req.all_token_ids)
                 num_computed = len(cached) * self.block_manager.block_size
             else:
@@ -107,7 +110,9 @@ class Scheduler:
             num_new = min(req.num_tokens - num_computed, budget)
             if not self.block_manager.allocate(req, num_computed + num_new, cached, hashes):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
+            if looked_up:
+                self.block_manager.record_prefix_lookup(req.num_tokens, len(cached))
             if req.num_computed_tokens == 0 and req.num_preemptions == 0:
                 req.num_cached_tokens = num_computed
             req.num_computed_tokens = num_computed

@@ -34,8 +34,8 @@ class AttentionMetadata:
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    kv_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
-    kv_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+    # Advanced indices around a slice: the indexed view is [T, 2, kv_heads, head_dim].
+    kv_cache[meta.slot_blocks, :, meta.slot_offsets] = torch.stack((k, v), dim=1)
 
 
 def _gather(kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +97,10 @@ class Attention(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, rope, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rope.apply(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = rope.apply(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # Rotate q and k in one call: they are adjacent heads of the fused projection.
+        qk = rope.apply(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads :]
         o = paged_attention(q, k, v, self.kv_cache, meta, self.scale)
         return self.o_proj(o)

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 
 
 class RMSNorm(torch.nn.Module):
+    """The weight is kept in float32 and applied before the single rounding to `out_dtype`."""
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.out_dtype = torch.float32  # set to the model dtype by the weight loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if w.dtype == torch.float32:
-            return F.rms_norm(x.float(), x.shape[-1:], w, self.eps)
-        return w * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(w.dtype)
+        return F.rms_norm(x.float(), x.shape[-1:], self.weight, self.eps).to(self.out_dtype)

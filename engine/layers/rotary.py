@@ -25,25 +25,32 @@ class RotaryEmbedding(torch.nn.Module):
         self.reset()
 
     def reset(self) -> None:
-        """(Re)compute the tables on the CPU, e.g. after the module was built on the meta device."""
+        """(Re)compute the tables on the CPU, e.g. after the module was built on the meta device.
+
+        Tables are stored full width so that rotation is x * cos + swap(x) * sin_signed, where
+        swap exchanges the two halves (NeoX) or each pair (GPT-J) and sin_signed carries the
+        minus sign of the first member: four elementwise ops per call instead of ten.
+        """
         with torch.device("cpu"):
             inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
             freqs = torch.arange(self.max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        self.cos = freqs.cos()  # [max_pos, head_dim/2]
-        self.sin = freqs.sin()
+        cos, sin = freqs.cos(), freqs.sin()  # [max_pos, head_dim/2]
+        if self.interleaved:
+            self.cos = torch.stack((cos, cos), dim=-1).flatten(-2)
+            self.sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+        else:
+            self.cos = torch.cat((cos, cos), dim=-1)
+            self.sin = torch.cat((-sin, sin), dim=-1)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # [T, 1, D/2] so it broadcasts over heads.
+        # [T, 1, D] so it broadcasts over heads.
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]."""
-        dtype = x.dtype
+        """x: [T, heads, head_dim]; computed in float32, returned in x's dtype."""
         xf = x.float()
         if self.interleaved:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+            swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
         else:
-            x1, x2 = xf.chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(dtype)
+            swapped = xf.roll(self.head_dim // 2, dims=-1)
+        return (xf * cos + swapped * sin).to(x.dtype)

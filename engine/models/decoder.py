@@ -154,11 +154,15 @@ class DecoderForCausalLM(torch.nn.Module):
             load_linear(mod.gate_up_proj, [prefix + ".gate_proj", prefix + ".up_proj"])
             load_linear(mod.down_proj, [prefix + ".down_proj"])
 
+        def load_norm(mod: RMSNorm, name: str) -> None:
+            put(mod.weight, take(name), keep_fp32=True)
+            mod.out_dtype = dtype
+
         put(self.embed_tokens.weight, take("embed_tokens.weight"))
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}"
-            put(layer.input_layernorm.weight, take(p + ".input_layernorm.weight"))
-            put(layer.post_attention_layernorm.weight, take(p + ".post_attention_layernorm.weight"))
+            load_norm(layer.input_layernorm, p + ".input_layernorm.weight")
+            load_norm(layer.post_attention_layernorm, p + ".post_attention_layernorm.weight")
             a = p + ".self_attn"
             load_linear(layer.self_attn.qkv_proj, [a + ".q_proj", a + ".k_proj", a + ".v_proj"])
             load_linear(layer.self_attn.o_proj, [a + ".o_proj"])
@@ -178,7 +182,7 @@ class DecoderForCausalLM(torch.nn.Module):
                     load_mlp(moe.shared_experts, p + ".mlp.shared_experts")
             else:
                 load_mlp(layer.mlp, p + ".mlp")
-        put(self.norm.weight, take("norm.weight"))
+        load_norm(self.norm, "norm.weight")
         head = w.get("lm_head.weight")
         if self.spec.tie_word_embeddings or head is None:
             self.lm_head.weight = self.embed_tokens.weight
