@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.layers.linear import Linear, cpu_has_native_bf16
+
 
 @dataclass(frozen=True)
 class PrefillSegment:
@@ -38,45 +40,64 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     kv_cache[meta.slot_blocks, :, meta.slot_offsets] = torch.stack((k, v), dim=1)
 
 
-def _gather(kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks -> contiguous [..., kv_heads, tokens, head_dim] keys and values."""
-    blocks = kv_cache[block_table]  # [..., nb, 2, bs, kvh, hd]
-    shape = blocks.shape
-    k = blocks.select(-4, 0).reshape(*shape[:-5], shape[-5] * shape[-3], shape[-2], shape[-1])
-    v = blocks.select(-4, 1).reshape(*shape[:-5], shape[-5] * shape[-3], shape[-2], shape[-1])
-    return k.transpose(-3, -2), v.transpose(-3, -2)
+def _gather(kv_cache: torch.Tensor, block_table: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks -> [..., kv_heads, tokens, head_dim] keys and values in `dtype`.
+
+    Indexing the K (or V) view of the cache yields a contiguous copy whose (blocks, block_size)
+    dimensions flatten for free; the upcast, when asked for, is the only other copy.
+    """
+    out = []
+    for half in (0, 1):
+        blocks = kv_cache.select(1, half)[block_table]  # [..., nb, bs, kvh, hd]
+        x = blocks.flatten(-4, -3).to(dtype)  # [..., L, kvh, hd]
+        out.append(x.transpose(-3, -2))
+    return out[0], out[1]
+
+
+def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """bf16 attention math runs in float32 on CPUs without bf16 units (about 4x faster there)."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+        return torch.float32
+    return dtype
 
 
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, KVH, D] for the new tokens. Returns [T, H*D]."""
+    """q: [T, H, D], k/v: [T, KVH, D] for the new tokens. Returns [T, H*D] in q's dtype."""
     write_kv(kv_cache, k, v, meta)
     T, H, D = q.shape
     gqa = H != k.shape[1]
+    dt = attention_dtype(q.dtype, q.device)
+    if meta.decode_rows is not None and not meta.prefills:
+        # Decode-only step (the common case): every row is a single-token query.
+        kd, vd = _gather(kv_cache, meta.decode_block_table, dt)  # [B, KVH, L, D]
+        od = F.scaled_dot_product_attention(q.to(dt).unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale,
+                                            enable_gqa=gqa)
+        return od.reshape(T, H * D).to(q.dtype)
     out = q.new_empty(T, H, D)
     if meta.decode_rows is not None:
-        kd, vd = _gather(kv_cache, meta.decode_block_table)  # [B, KVH, L, D]
-        qd = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, D]
+        kd, vd = _gather(kv_cache, meta.decode_block_table, dt)
+        qd = q[meta.decode_rows].to(dt).unsqueeze(2)  # [B, H, 1, D]
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
-        out[meta.decode_rows] = od.squeeze(2)
+        out[meta.decode_rows] = od.squeeze(2).to(q.dtype)
     for seg in meta.prefills:
         n = seg.end - seg.start
-        qs = q[seg.start : seg.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        qs = q[seg.start : seg.end].transpose(0, 1).unsqueeze(0).to(dt)  # [1, H, n, D]
         if seg.context_len == n:
             # Whole prompt computed in this step: attend to the fresh k/v, plain causal mask.
-            ks = k[seg.start : seg.end].transpose(0, 1).unsqueeze(0)
-            vs = v[seg.start : seg.end].transpose(0, 1).unsqueeze(0)
+            ks = k[seg.start : seg.end].transpose(0, 1).unsqueeze(0).to(dt)
+            vs = v[seg.start : seg.end].transpose(0, 1).unsqueeze(0).to(dt)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            ks, vs = _gather(kv_cache, seg.block_table)  # [KVH, L_padded, D]
+            ks, vs = _gather(kv_cache, seg.block_table, dt)  # [KVH, L_padded, D]
             ks = ks[:, : seg.context_len].unsqueeze(0)
             vs = vs[:, : seg.context_len].unsqueeze(0)
             # Query i sits at position context_len - n + i and sees keys up to that position.
-            q_pos = torch.arange(seg.context_len - n, seg.context_len).unsqueeze(1)
-            mask = torch.arange(seg.context_len).unsqueeze(0) <= q_pos
+            q_pos = torch.arange(seg.context_len - n, seg.context_len, device=q.device).unsqueeze(1)
+            mask = torch.arange(seg.context_len, device=q.device).unsqueeze(0) <= q_pos
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[seg.start : seg.end] = o.squeeze(0).transpose(0, 1)
+        out[seg.start : seg.end] = o.squeeze(0).transpose(0, 1).to(q.dtype)
     return out.reshape(T, H * D)
 
 
@@ -91,8 +112,8 @@ class Attention(torch.nn.Module):
         self.q_size = num_heads * head_dim
         self.kv_size = num_kv_heads * head_dim
         self.scale = head_dim**-0.5
-        self.qkv_proj = torch.nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = torch.nn.Linear(self.q_size, hidden_size, bias=bias)
+        self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = Linear(self.q_size, hidden_size, bias=bias)
         self.kv_cache: torch.Tensor | None = None  # bound by the model runner
 
     def forward(self, x: torch.Tensor, rope, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -4,13 +4,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.layers.linear import Linear
+
 
 class GatedMLP(torch.nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = torch.nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)

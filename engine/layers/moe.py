@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.layers.linear import upcast_for
 from engine.layers.mlp import GatedMLP
 
 
@@ -56,8 +57,15 @@ class Experts(torch.nn.Module):
             if n == 0:
                 continue
             rows = token_of[start : start + n]
-            gate, up = F.linear(x[rows], self.gate_up[e]).split(self.intermediate_size, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down[e]) * slot_weight[start : start + n, None]
+            xe = x[rows]
+            w1, w2 = self.gate_up[e], self.down[e]
+            if upcast_for(xe, w1):
+                gate, up = F.linear(xe.float(), w1.float()).split(self.intermediate_size, dim=-1)
+                y = F.linear(F.silu(gate) * up, w2.float()).to(x.dtype)
+            else:
+                gate, up = F.linear(xe, w1).split(self.intermediate_size, dim=-1)
+                y = F.linear(F.silu(gate) * up, w2)
+            y = y * slot_weight[start : start + n, None]
             out.index_add_(0, rows, y)
             start += n
         return out

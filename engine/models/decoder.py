@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.linear import Linear, upcast_for
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import SparseMoE
 from engine.layers.norm import RMSNorm
@@ -101,7 +102,7 @@ class DecoderForCausalLM(torch.nn.Module):
         self.embed_tokens = torch.nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = torch.nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = torch.nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rope = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.interleaved_rope)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -117,8 +118,11 @@ class DecoderForCausalLM(torch.nn.Module):
         """Float32 logits. In bf16 the head's output is rounded to 8 bits of mantissa (steps of
         0.125 near a logit of 25), which turns close calls at the top into ties that argmax
         breaks by token id; the top candidates are therefore re-scored in float32."""
+        head = self.lm_head.weight
+        if upcast_for(hidden, head):
+            return F.linear(hidden.float(), head.float())
         logits = self.lm_head(hidden).float()
-        if hidden.dtype != torch.float32 and isinstance(self.lm_head, torch.nn.Linear):
+        if hidden.dtype != torch.float32:
             cand = logits.topk(min(REFINE_TOP, logits.shape[-1]), dim=-1).indices  # [B, k]
             rows = self.lm_head.weight[cand].float()  # [B, k, H]
             exact = torch.einsum("bkh,bh->bk", rows, hidden.float())
