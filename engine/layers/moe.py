@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.layers.linear import upcast_for
+from engine.layers.linear import float32_copy, upcast_for
 from engine.layers.mlp import GatedMLP
 
 
@@ -60,8 +60,10 @@ class Experts(torch.nn.Module):
             xe = x[rows]
             w1, w2 = self.gate_up[e], self.down[e]
             if upcast_for(xe, w1):
-                gate, up = F.linear(xe.float(), w1.float()).split(self.intermediate_size, dim=-1)
-                y = F.linear(F.silu(gate) * up, w2.float()).to(x.dtype)
+                w1 = float32_copy(self, "_gate_up_fp32", self.gate_up)[e]
+                w2 = float32_copy(self, "_down_fp32", self.down)[e]
+                gate, up = F.linear(xe.float(), w1).split(self.intermediate_size, dim=-1)
+                y = F.linear(F.silu(gate) * up, w2).to(x.dtype)
             else:
                 gate, up = F.linear(xe, w1).split(self.intermediate_size, dim=-1)
                 y = F.linear(F.silu(gate) * up, w2)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers.attention import Attention, AttentionMetadata
-from engine.layers.linear import Linear, upcast_for
+from engine.layers.linear import Linear, float32_copy, upcast_for
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import SparseMoE
 from engine.layers.norm import RMSNorm
@@ -120,7 +120,7 @@ class DecoderForCausalLM(torch.nn.Module):
         breaks by token id; the top candidates are therefore re-scored in float32."""
         head = self.lm_head.weight
         if upcast_for(hidden, head):
-            return F.linear(hidden.float(), head.float())
+            return F.linear(hidden.float(), float32_copy(self.lm_head, "_weight_fp32", head))
         logits = self.lm_head(hidden).float()
         if hidden.dtype != torch.float32:
             cand = logits.topk(min(REFINE_TOP, logits.shape[-1]), dim=-1).indices  # [B, k]
