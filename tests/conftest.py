@@ -114,3 +114,13 @@ def run_to_completion(engine, prompts, params, prefix="r") -> list[list[int]]:
         if len(result) == len(ids) and not engine.has_unfinished_requests():
             break
     return [result[i] for i in ids]
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is available; elsewhere they are reported as skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
