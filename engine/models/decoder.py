@@ -19,8 +19,9 @@ from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_theta
 
 
-# How many of the highest bf16 logits are re-scored in float32 (see compute_logits).
-REFINE_TOP = 16
+# bf16 keeps 8 significant bits: a rounded logit is off by at most 2^-8 of its size, so two
+# logits closer than 2^-7 (relative) may be in either order. Re-score those in float32.
+REFINE_REL_TOL = 2.0**-6
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,12 @@ class DecoderForCausalLM(torch.nn.Module):
         if upcast_for(hidden, head):
             return F.linear(hidden.float(), float32_copy(self.lm_head, "_weight_fp32", head))
         logits = self.lm_head(hidden).float()
-        if hidden.dtype != torch.float32:
-            cand = logits.topk(min(REFINE_TOP, logits.shape[-1]), dim=-1).indices  # [B, k]
-            rows = self.lm_head.weight[cand].float()  # [B, k, H]
-            exact = torch.einsum("bkh,bh->bk", rows, hidden.float())
-            logits.scatter_(1, cand, exact)
+        if hidden.dtype != torch.float32 and isinstance(self.lm_head, torch.nn.Linear):
+            # Candidates: every logit within two bf16 rounding steps of its row's maximum.
+            top = logits.max(dim=-1, keepdim=True).values
+            rows, cols = torch.nonzero(logits >= top - top.abs() * REFINE_REL_TOL).unbind(1)
+            exact = (self.lm_head.weight[cols].float() * hidden[rows].float()).sum(-1)
+            logits[rows, cols] = exact
         return logits
 
     # ----- weights -----
