@@ -114,3 +114,27 @@ def test_export_into_caller_buffer_and_shape_checks(tiny_checkpoint, make_engine
     with pytest.raises(ValueError, match="not holding KV"):
         engine.export_kv("nope")
     engine.abort("p")
+
+
+def test_unknown_architecture_and_bad_options_are_clear_errors(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    src = tiny_checkpoint("llama")
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["FooForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"FooForCausalLM.*supported: Ernie4_5ForCausalLM, Ernie4_5_MoeForCausalLM, LlamaForCausalLM"):
+        LLMEngine.from_args(str(bad), dtype="float32", num_kv_blocks=8)
+    with pytest.raises(ValueError, match="dtype 'float16'"):
+        LLMEngine.from_args(str(src), dtype="float16", num_kv_blocks=8)
+    with pytest.raises(ValueError, match="quantization 'int3'"):
+        LLMEngine.from_args(str(src), quantization="int3", num_kv_blocks=8)
+    with pytest.raises(ValueError, match="max_model_len=100000 exceeds"):
+        LLMEngine.from_args(str(src), max_model_len=100000, num_kv_blocks=8)
+    with pytest.raises(ValueError, match="block_size=12"):
+        LLMEngine.from_args(str(src), block_size=12, num_kv_blocks=8)
+    with pytest.raises(FileNotFoundError):
+        LLMEngine.from_args(str(tmp_path / "missing"))
