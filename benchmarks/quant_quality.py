@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.layers.attention import AttentionMetadata, PrefillSegment  # noqa: E402
 import engine.layers.quantize_model as quantize_model  # noqa: E402
 from engine.layers.quant import WeightOnlyLinear  # noqa: E402
 
@@ -103,23 +102,9 @@ def build(quantization: str | None, group_size: int | None) -> LLM:
         quantize_model.WINT4_GROUP_SIZE = orig
 
 
-@torch.inference_mode()
 def all_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    """Float32 logits at every position of `ids`, computed as one prefill (teacher forcing).
-
-    Writes the KV of `ids` into cache blocks 0..n-1: only while the engine holds no requests.
-    """
-    eng = llm.engine
-    assert not eng.has_unfinished_requests()
-    runner = eng.runner
-    n, bs = len(ids), runner.block_size
-    pos = torch.arange(n)
-    meta = AttentionMetadata(
-        slot_blocks=pos // bs, slot_offsets=pos % bs, decode_rows=None, decode_block_table=None, decode_mask=None,
-        prefills=(PrefillSegment(0, n, n, torch.arange((n + bs - 1) // bs)),),
-    )
-    hidden = runner.model(torch.tensor(ids), pos, meta)
-    return runner.model.compute_logits(hidden).float()
+    """Float32 logits at every position of `ids` (teacher forcing)."""
+    return llm.engine.score(ids)
 
 
 def weight_bytes(llm: LLM) -> tuple[int, int]:

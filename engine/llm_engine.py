@@ -329,6 +329,20 @@ class LLMEngine:
         self._append(req, req.pending_first_token, None)
         return self._snapshots([req])
 
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [n, vocab] at every position of a token sequence (for perplexity / quality checks).
+
+        Runs outside the scheduler with blocks of its own, freed before returning.
+        """
+        self._validate_prompt(list(token_ids))
+        req = Request("__score__", list(token_ids), SamplingParams())
+        if not self.block_manager.allocate(req, req.num_tokens):
+            raise MemoryError(f"no KV blocks free to score {req.num_tokens} tokens")
+        try:
+            return self.runner.prompt_logits(req.prompt_token_ids, req.block_ids)
+        finally:
+            self.block_manager.free(req)
+
     # ----- introspection -----
     def stats(self) -> EngineStats:
         held = sum(1 for r in self.requests.values() if r.status is RequestStatus.HOLDING_KV)

@@ -117,6 +117,20 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         return logits.cpu()
 
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
+        """Float32 logits at every position of `token_ids` (teacher forcing), as one prefill
+        whose KV goes into `block_ids` (allocated by the caller)."""
+        n, bs = len(token_ids), self.block_size
+        pos = torch.arange(n, device=self.device)
+        blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(
+            slot_blocks=blocks[pos // bs], slot_offsets=pos % bs, decode_rows=None, decode_block_table=None,
+            decode_mask=None, prefills=(PrefillSegment(0, n, n, blocks),),
+        )
+        hidden = self.model(torch.tensor(token_ids, device=self.device), pos, meta)
+        return self.model.compute_logits(hidden).float().cpu()
+
     # ----- KV export / import by block id -----
     def export_blocks(self, block_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """Copy blocks into `out` [num_layers, n, 2, block_size, kv_heads, head_dim] (allocated if None)."""

@@ -75,6 +75,17 @@ def tiny_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def exact_fp32():
+    """Quantized layers compute float32 activations exactly (no bf16 cast around the kernel)."""
+    from engine.layers.quant import WeightOnlyLinear
+
+    old = WeightOnlyLinear.fp32_exact
+    WeightOnlyLinear.fp32_exact = True
+    yield
+    WeightOnlyLinear.fp32_exact = old
+
+
 def assert_no_leaks(engine) -> None:
     problems = engine.leaks()
     assert not problems, "engine leaked: " + "; ".join(problems)

@@ -57,9 +57,7 @@ def test_wint8_batch_matches_one_at_a_time(wint8):
 
 
 def _nll(llm, ids) -> float:
-    from benchmarks.quant_quality import all_logits
-
-    logits = all_logits(llm, ids)
+    logits = llm.engine.score(ids)
     return float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])))
 
 

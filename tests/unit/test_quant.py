@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers import quant
-from engine.layers.quant import QUANT_METHODS, WeightOnlyLinear, dequantize, quantize_linear
+from engine.layers.quant import QUANT_METHODS, dequantize, quantize_linear
 
 DTYPES = (torch.float32, torch.bfloat16)
 # Shapes [out, in] from SmolLM-135M-like models and tiny test models.
@@ -28,15 +28,6 @@ def _seed_and_threads():
     torch.set_num_threads(min(n, 2))
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture
-def exact_fp32():
-    """Compute non-bf16 activations in fp32 (no bf16 cast around the kernel)."""
-    old = WeightOnlyLinear.fp32_exact
-    WeightOnlyLinear.fp32_exact = True
-    yield
-    WeightOnlyLinear.fp32_exact = old
 
 
 @pytest.mark.parametrize("method", QUANT_METHODS)

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM, LLMEngine, SamplingParams
-from engine.layers.attention import AttentionMetadata, PrefillSegment
 from engine.layers.quant import WeightOnlyLinear, dequantize
 from tests.conftest import run_to_completion
 
@@ -39,33 +38,13 @@ LAST_COS = {"wint8": 0.99}
 TOP1 = {"wint8": 0.75}
 
 
-@torch.inference_mode()
 def all_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
-    """Float32 logits at every position of `ids`, computed in one prefill (teacher forcing).
-
-    Writes the KV of `ids` into blocks 0..n-1, so call it only while the engine holds no requests.
-    """
-    assert not engine.has_unfinished_requests()
-    r = engine.runner
-    n, bs = len(ids), r.block_size
-    pos = torch.arange(n)
-    meta = AttentionMetadata(
-        slot_blocks=pos // bs, slot_offsets=pos % bs, decode_rows=None, decode_block_table=None, decode_mask=None,
-        prefills=(PrefillSegment(0, n, n, torch.arange((n + bs - 1) // bs)),),
-    )
-    return r.model.compute_logits(r.model(torch.tensor(ids), pos, meta)).float()
+    """Float32 logits at every position of `ids` (teacher forcing)."""
+    return engine.score(ids)
 
 
 def quantized_modules(engine: LLMEngine) -> dict[str, WeightOnlyLinear]:
     return {n: m for n, m in engine.runner.model.named_modules() if isinstance(m, WeightOnlyLinear)}
-
-
-@pytest.fixture
-def exact_fp32():
-    old = WeightOnlyLinear.fp32_exact
-    WeightOnlyLinear.fp32_exact = True
-    yield
-    WeightOnlyLinear.fp32_exact = old
 
 
 @pytest.mark.parametrize("arch", ARCHS)
