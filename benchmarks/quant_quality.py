@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.bench import run_pdserve  # noqa: E402
 import engine.layers.quantize_model as quantize_model  # noqa: E402
 from engine.layers.quant import WeightOnlyLinear  # noqa: E402
 
@@ -102,11 +103,6 @@ def build(quantization: str | None, group_size: int | None) -> LLM:
         quantize_model.WINT4_GROUP_SIZE = orig
 
 
-def all_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    """Float32 logits at every position of `ids` (teacher forcing)."""
-    return llm.engine.score(ids)
-
-
 def weight_bytes(llm: LLM) -> tuple[int, int]:
     """(all parameters + buffers, a tied tensor once; linear layers only)."""
     model = llm.engine.runner.model
@@ -134,27 +130,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def decode_tok_s(llm: LLM, prompts: list[list[int]], out_len: int) -> float:
     """Tokens per second over the steps in which every request of the batch is decoding."""
-    eng = llm.engine
-    step = eng.step
-    started: set[str] = set()
-    times: list[float] = []
-
-    def timed_step():
-        all_started = len(started) >= len(prompts)
-        t0 = time.perf_counter()
-        outs = step()
-        if all_started:
-            times.append(time.perf_counter() - t0)
-        started.update(o.request_id for o in outs)
-        return outs
-
-    eng.step = timed_step  # type: ignore[method-assign]
-    try:
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True))
-    finally:
-        del eng.step
-    # The last step may finish only some requests; all steps timed here ran the full batch.
-    return len(prompts) * len(times) / sum(times)
+    _, steps = run_pdserve(llm, prompts, out_len)
+    return len(prompts) * len(steps) / sum(steps)
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -195,7 +172,7 @@ def main() -> None:
     # (b) teacher-forced NLL on TEXT
     ids = list(tok(TEXT, add_special_tokens=False).input_ids)
     targets = torch.tensor(ids[1:])
-    logp = {name: torch.log_softmax(all_logits(llm, ids)[:-1], dim=-1) for name, llm in quality_rows.items()}
+    logp = {name: torch.log_softmax(llm.engine.score(ids)[:-1], dim=-1) for name, llm in quality_rows.items()}
     base_lp = logp[BASE]
     base_nll = F.nll_loss(base_lp, targets).item()
     rows_b = []

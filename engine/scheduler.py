@@ -66,7 +66,20 @@ class Scheduler:
             self.running.append(req)
         else:
             req.status = RequestStatus.WAITING
-            self.waiting.append(req)
+            self._insert_front(req)
+
+    def _insert_front(self, req: Request) -> None:
+        """Queue `req` at the head of `waiting`, but behind the requests that hold blocks.
+
+        Requests holding blocks (imported KV over the sequence limit) form the head of the
+        queue: they need few or no new blocks, and a block-less request ahead of them could
+        starve forever on the very blocks they hold. Preempted requests inserted one after
+        another land in front of each other, which keeps their arrival order.
+        """
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].block_ids:
+            i += 1
+        self.waiting.insert(i, req)
 
     @property
     def has_work(self) -> bool:
@@ -96,9 +109,7 @@ class Scheduler:
 
         # New admissions wait while the pool is under pressure (a preemption happened).
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
-            # A request that already holds blocks (imported KV) goes first: it needs few or no
-            # new blocks, and while it waits its blocks could starve the queue head forever.
-            req = next((r for r in self.waiting if r.block_ids), self.waiting[0])
+            req = self.waiting[0]
             cached: list[int] = []
             hashes: list[int] = []
             looked_up = not req.block_ids
@@ -110,7 +121,7 @@ class Scheduler:
             num_new = min(req.num_tokens - num_computed, budget)
             if not self.block_manager.allocate(req, num_computed + num_new, cached, hashes):
                 break
-            self.waiting.remove(req)
+            self.waiting.popleft()
             if looked_up:
                 self.block_manager.record_prefix_lookup(req.num_tokens, len(cached))
             if req.num_computed_tokens == 0 and req.num_preemptions == 0:
@@ -129,7 +140,7 @@ class Scheduler:
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._insert_front(req)
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance computed-token counts and publish newly full blocks to the prefix cache."""

@@ -123,7 +123,7 @@ class DecoderForCausalLM(torch.nn.Module):
         if upcast_for(hidden, head):
             return F.linear(hidden.float(), float32_copy(self.lm_head, "_weight_fp32", head))
         logits = self.lm_head(hidden).float()
-        if hidden.dtype != torch.float32 and isinstance(self.lm_head, torch.nn.Linear):
+        if hidden.dtype != torch.float32:
             # Candidates: every logit within two bf16 rounding steps of its row's maximum.
             top = logits.max(dim=-1, keepdim=True).values
             rows, cols = torch.nonzero(logits >= top - top.abs() * REFINE_REL_TOL).unbind(1)

@@ -88,9 +88,7 @@ def test_logits_close_to_transformers(arch, tiny_checkpoint, make_engine):
         ref = model(torch.tensor([prompt])).logits[0, -1]
     engine = make_engine(path)
     engine.add_request("x", prompt, SamplingParams(temperature=0.0, max_tokens=1))
-    from engine.scheduler import Scheduler  # noqa: F401  (documentation: the step below runs one prefill)
-
-    out = engine.scheduler.schedule()
+    out = engine.scheduler.schedule()  # one step: the whole prompt's prefill
     logits = engine.runner.execute(out)[0]
     engine.scheduler.update_after_step(out)
     engine.abort("x")

@@ -38,11 +38,6 @@ LAST_COS = {"wint8": 0.99}
 TOP1 = {"wint8": 0.75}
 
 
-def all_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
-    """Float32 logits at every position of `ids` (teacher forcing)."""
-    return engine.score(ids)
-
-
 def quantized_modules(engine: LLMEngine) -> dict[str, WeightOnlyLinear]:
     return {n: m for n, m in engine.runner.model.named_modules() if isinstance(m, WeightOnlyLinear)}
 
@@ -101,7 +96,7 @@ def test_matches_dequantized_reference(arch, method, tiny_checkpoint, make_engin
     toks = run_to_completion(ref, PROMPTS, GREEDY)
     assert run_to_completion(eng, PROMPTS, GREEDY) == toks
     for p, t in zip(PROMPTS, toks):
-        a, b = all_logits(eng, p + t), all_logits(ref, p + t)
+        a, b = eng.score(p + t), ref.score(p + t)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * b.abs().max().item())
 
 
@@ -115,7 +110,7 @@ def test_logits_close_to_unquantized(arch, dtype, method, tiny_checkpoint, make_
     toks = run_to_completion(base, PROMPTS, GREEDY)
     cos, last, agree = [], [], []
     for p, t in zip(PROMPTS, toks):
-        q, b = all_logits(eng, p + t), all_logits(base, p + t)
+        q, b = eng.score(p + t), base.score(p + t)
         c = F.cosine_similarity(q, b, dim=-1)
         cos.append(c)
         last.append(c[len(p) - 1])  # the prompt's last token: what the first sampled token comes from
