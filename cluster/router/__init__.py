@@ -1,0 +1,1 @@
+"""The OpenAI-compatible router: HTTP API, auth and limits, picking workers, streaming."""

@@ -1,0 +1,1 @@
+"""Cluster state in Redis: registry, heartbeats, prefix index, rate limits (one module owns the keys)."""
