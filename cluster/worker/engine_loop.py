@@ -1,0 +1,209 @@
+"""EngineLoop: one LLMEngine stepped on its own thread, driven from asyncio.
+
+The engine is not thread-safe, so every touch of it (adding, aborting, KV seam calls, stats) runs
+on the loop thread between steps as a command; callers `await` the result. Outputs go to one
+asyncio queue per request. With nothing to do the thread blocks on its command queue (no
+polling), so an idle worker uses no CPU.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class EngineDead(RuntimeError):
+    """The engine thread stopped (shutdown or a failed step); in-flight requests fail with this."""
+
+
+class _Sink:
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            pass
+
+
+class EngineLoop:
+    """`call(fn)` runs fn(engine) on the engine thread; `generate(...)` streams a request's outputs."""
+
+    def __init__(self, engine: LLMEngine, name: str = "engine-loop") -> None:
+        self.engine = engine
+        self._cmds: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sinks: dict[str, _Sink] = {}  # touched only on the engine thread
+        self._dead: BaseException | None = None
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ----- asyncio side -----
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` on the engine thread; its exception (e.g. ValueError) is raised here."""
+        if self._dead is not None:
+            raise EngineDead(f"engine loop is not running: {self._dead}")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._cmds.put((fn, loop, fut))
+        return await fut
+
+    def call_nowait(self, fn: Callable[[LLMEngine], Any]) -> None:
+        """Fire and forget (for cleanup paths that cannot await, e.g. a cancelled generator)."""
+        self._cmds.put((fn, None, None))
+
+    async def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, *, hold_kv: bool = False
+    ) -> AsyncIterator[RequestOutput]:
+        """Add a request and stream its snapshots; closing the iterator early aborts it."""
+        sink = _Sink(asyncio.get_running_loop())
+
+        def add(engine: LLMEngine) -> None:
+            if request_id in self._sinks:
+                raise ValueError(f"request id {request_id!r} is already in flight")
+            engine.add_request(request_id, prompt, params, hold_kv=hold_kv)
+            self._sinks[request_id] = sink
+
+        await self.call(add)
+        async for out in self._drain(request_id, sink):
+            yield out
+
+    async def attach(self, request_id: str, register: Callable[[LLMEngine], T]) -> tuple[T, AsyncIterator[RequestOutput]]:
+        """Run `register(engine)` (which puts `request_id` into the engine) and stream its outputs."""
+        sink = _Sink(asyncio.get_running_loop())
+
+        def run(engine: LLMEngine) -> T:
+            if request_id in self._sinks:
+                raise ValueError(f"request id {request_id!r} is already in flight")
+            result = register(engine)
+            self._sinks[request_id] = sink
+            return result
+
+        result = await self.call(run)
+        return result, self._drain(request_id, sink)
+
+    async def _drain(self, request_id: str, sink: _Sink) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine side already dropped it
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.call_nowait(lambda engine: self._abort(engine, request_id))
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort in any state; True when the request was known."""
+        return await self.call(lambda engine: self._abort(engine, request_id))
+
+    def _abort(self, engine: LLMEngine, request_id: str) -> bool:
+        known = request_id in engine.children or request_id in engine.requests
+        engine.abort(request_id)
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None:
+            sink.put(asyncio.CancelledError(f"request {request_id} aborted"))
+        return known
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._cmds.put(_STOP)
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    # ----- engine thread -----
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished_requests()
+                if not self._run_commands(block):
+                    break
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self.steps += 1
+                    self._dispatch(outputs)
+        except BaseException as exc:  # noqa: BLE001 - a dead loop must fail every waiter, whatever killed it
+            logger.exception("engine loop died")
+            self._dead = exc
+        else:
+            self._dead = EngineDead("engine loop stopped")
+        self._fail_all(EngineDead(f"engine loop stopped: {self._dead}"))
+
+    def _run_commands(self, block: bool) -> bool:
+        while True:
+            try:
+                cmd = self._cmds.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if cmd is _STOP:
+                return False
+            fn, loop, fut = cmd
+            try:
+                result, error = fn(self.engine), None
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                result, error = None, exc
+            if fut is None:
+                if error is not None:
+                    logger.warning("engine command failed: %s", error)
+                continue
+            try:
+                loop.call_soon_threadsafe(_resolve, fut, result, error)
+            except RuntimeError:
+                pass
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is None:
+                continue
+            if out.finished:
+                del self._sinks[out.request_id]
+            sink.put(out)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for sink in self._sinks.values():
+            sink.put(exc)
+        self._sinks.clear()
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd is not _STOP and cmd[2] is not None:
+                try:
+                    cmd[1].call_soon_threadsafe(_resolve, cmd[2], None, exc)
+                except RuntimeError:
+                    pass
+
+
+def _resolve(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

@@ -1,0 +1,127 @@
+"""EngineLoop: the engine on its own thread, driven from asyncio (what every worker runs)."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cluster.worker.engine_loop import EngineDead, EngineLoop
+from engine import SamplingParams
+
+PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7], list(range(10, 40)), [5] * 17]
+
+
+@pytest.fixture
+def loop_of(tiny_checkpoint, make_engine):
+    loops = []
+
+    def make(**kwargs):
+        loop = EngineLoop(make_engine(tiny_checkpoint("llama"), **kwargs))
+        loops.append(loop)
+        return loop
+
+    yield make
+    for loop in loops:
+        loop.stop()
+
+
+async def _collect(loop: EngineLoop, rid: str, prompt, params) -> list[int]:
+    last = None
+    async for out in loop.generate(rid, prompt, params):
+        last = out
+    return list(last.outputs[0].token_ids)
+
+
+def test_concurrent_requests_match_the_plain_engine(loop_of, tiny_checkpoint, make_engine):
+    from tests.conftest import run_to_completion
+
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = run_to_completion(make_engine(tiny_checkpoint("llama")), PROMPTS, params)
+    loop = loop_of()
+
+    async def main():
+        return await asyncio.gather(*(_collect(loop, f"r{i}", p, params) for i, p in enumerate(PROMPTS)))
+
+    assert asyncio.run(main()) == expected
+    assert asyncio.run(_leaks(loop)) == []
+
+
+async def _leaks(loop: EngineLoop) -> list[str]:
+    return await loop.call(lambda e: e.leaks())
+
+
+def test_closing_the_stream_early_aborts_and_frees_blocks(loop_of):
+    loop = loop_of()
+
+    async def main():
+        stream = loop.generate("r", PROMPTS[2], SamplingParams(max_tokens=200, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(100):  # the abort is queued as a command: give it a step
+            if not await _leaks(loop):
+                return []
+            await asyncio.sleep(0.02)
+        return await _leaks(loop)
+
+    assert asyncio.run(main()) == []
+
+
+def test_cancelled_consumer_aborts(loop_of):
+    loop = loop_of()
+
+    async def main():
+        task = asyncio.create_task(_collect(loop, "r", PROMPTS[0], SamplingParams(max_tokens=400, ignore_eos=True)))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if not await _leaks(loop):
+                break
+            await asyncio.sleep(0.02)
+        return await _leaks(loop)
+
+    assert asyncio.run(main()) == []
+
+
+def test_errors_reach_the_caller_and_change_nothing(loop_of):
+    loop = loop_of()
+
+    async def main():
+        with pytest.raises(ValueError, match="prompt is empty"):
+            await _collect(loop, "bad", [], SamplingParams())
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await _collect(loop, "bad2", [10_000], SamplingParams())
+        # A duplicate id in flight is refused, the first request is unaffected.
+        first = asyncio.create_task(_collect(loop, "dup", PROMPTS[0], SamplingParams(max_tokens=30, ignore_eos=True)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ValueError, match="already in flight"):
+            await _collect(loop, "dup", PROMPTS[1], SamplingParams())
+        assert len(await first) == 30
+        assert await loop.abort("nope") is False
+        return await _leaks(loop)
+
+    assert asyncio.run(main()) == []
+
+
+def test_idle_loop_does_not_spin(loop_of):
+    loop = loop_of()
+    before = loop.steps
+    t0 = time.thread_time()
+    time.sleep(0.5)
+    assert loop.steps == before
+    # The engine thread blocks on its queue: this (main) thread's CPU time is the only thing that moves.
+    assert time.thread_time() - t0 < 0.1
+
+
+def test_stopped_loop_fails_callers_clearly(loop_of):
+    loop = loop_of()
+    loop.stop()
+
+    async def main():
+        with pytest.raises(EngineDead):
+            await loop.call(lambda e: e.stats())
+
+    asyncio.run(main())
