@@ -219,7 +219,6 @@ class LLMEngine:
         self.generation_tokens_total += 1
         if req.logprobs is not None and logprobs is not None:
             req.logprobs.append(logprobs)
-        old_text = req.output_text
         status: RequestStatus | None = None
         stops_allowed = req.num_output_tokens >= p.min_tokens
         if stops_allowed and ((not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids):
@@ -241,7 +240,13 @@ class LLMEngine:
         ):
             status = RequestStatus.FINISHED_LENGTH
         req.new_token_ids = (token,)
-        req.new_text = req.output_text[len(old_text) :] if req.output_text.startswith(old_text) else req.output_text
+        # Stream only text that can no longer turn out to be the start of a stop string (held back:
+        # the longest stop minus one character), so a stop spanning tokens never leaks out.
+        visible = len(req.output_text)
+        if status is None and p.stop:
+            visible = max(req.sent_text_len, visible - (max(len(s) for s in p.stop) - 1))
+        req.new_text = req.output_text[req.sent_text_len : visible]
+        req.sent_text_len = visible
         if status is not None:
             self._finish(req, status)
         elif req.hold_kv:

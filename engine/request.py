@@ -72,6 +72,7 @@ class Request:
         self.output_text = ""
         self.new_token_ids: tuple[int, ...] = ()  # what the latest step added, for streaming
         self.new_text = ""
+        self.sent_text_len = 0  # output_text[:sent_text_len] has been handed out as new_text
         self.pending_first_token: int | None = None  # sampled by the prefill engine, applied after KV import
         self.generator: torch.Generator | None = None
         if seed is not None:

@@ -135,3 +135,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ----- real Redis -----
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real `redis-server` on a free loopback port for the whole session (a RedisServer)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The session's Redis, emptied before the test (restarted first if a test stopped it)."""
+    redis_server.start()
+    with redis_server.client() as client:
+        client.flushall()
+    yield redis_server.url

@@ -80,7 +80,7 @@ class EngineLoop:
             engine.add_request(request_id, prompt, params, hold_kv=hold_kv)
             self._sinks[request_id] = sink
 
-        await self.call(add)
+        await self._call_or_abort(add, request_id)
         async for out in self._drain(request_id, sink):
             yield out
 
@@ -95,8 +95,16 @@ class EngineLoop:
             self._sinks[request_id] = sink
             return result
 
-        result = await self.call(run)
+        result = await self._call_or_abort(run, request_id)
         return result, self._drain(request_id, sink)
+
+    async def _call_or_abort(self, fn: Callable[[LLMEngine], T], request_id: str) -> T:
+        # Cancelled while the command is queued: it still runs, so undo it or nobody reads it.
+        try:
+            return await self.call(fn)
+        except asyncio.CancelledError:
+            self.call_nowait(lambda engine: self._abort(engine, request_id))
+            raise
 
     async def _drain(self, request_id: str, sink: _Sink) -> AsyncIterator[RequestOutput]:
         finished = False
