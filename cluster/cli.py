@@ -1,4 +1,4 @@
-"""``pdserve`` command line: generate, convert, bench-engine.
+"""``pdserve`` command line: serve, bench, generate, convert, bench-engine.
 
 Engine imports happen inside the command functions so ``pdserve --help`` stays fast.
 """
@@ -54,12 +54,123 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
     return int(bench_main(args.bench_args) or 0)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from pydantic import ValidationError
+
+    from cluster.config import ClusterConfig
+    from cluster.launch import ServeSession
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = _serve_config(args)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"pdserve serve: error: {exc}", file=sys.stderr)
+        return 2
+    session = ServeSession(config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        url = session.start()
+        roles = f"{config.mixed} mixed" if config.mixed else f"{config.prefill} prefill + {config.decode} decode"
+        print(f"pdserve: serving {config.engine.model or 'the default model'} ({roles}, KV over "
+              f"{config.kv_transport}) at {url}/v1", flush=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("pdserve: stopping", flush=True)
+        session.stop()
+    return 0
+
+
+def _serve_config(args: argparse.Namespace):
+    import os
+
+    from cluster.config import ClusterConfig, EngineArgs
+
+    engine = {k: getattr(args, k) for k in EngineArgs.model_fields if getattr(args, k, None) is not None}
+    if args.no_enable_prefix_caching:
+        engine["enable_prefix_caching"] = False
+    fields = dict(
+        served_model_name=args.served_model_name, prefill=args.prefill, decode=args.decode, mixed=args.mixed,
+        host=args.host, port=args.port, redis_url=args.redis_url, kv_transport=args.kv_transport,
+        kv_failure_policy=args.kv_failure_policy, rate_limit_per_minute=args.rate_limit_per_minute,
+        reasoning_parser=args.reasoning_parser, worker_threads=args.worker_threads, ray_address=args.ray_address,
+    )
+    keys = list(args.api_key or [])
+    if not keys and os.environ.get("PDSERVE_API_KEY"):
+        keys = [k.strip() for k in os.environ["PDSERVE_API_KEY"].split(",") if k.strip()]
+    if keys:
+        fields["api_keys"] = tuple(keys)
+    if args.mixed and args.prefill is None and args.decode is None:
+        fields["prefill"] = fields["decode"] = 0
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if args.config:
+        base = ClusterConfig.from_yaml(args.config)
+        data = base.model_dump()
+        data["engine"] = {**data["engine"], **engine}
+        data.update(fields)
+        return ClusterConfig.model_validate(data)
+    return ClusterConfig(engine=EngineArgs(**engine), **fields)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML file with ClusterConfig fields (flags override it)")
+    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=int, default=None, help="decode workers (default 1)")
+    p.add_argument("--mixed", type=int, default=None, help="colocated workers instead of prefill/decode")
+    p.add_argument("--host", default=None, help="router and worker bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="router port (default 8000)")
+    p.add_argument("--redis-url", default=None, help="Redis for cluster state (default: an embedded one)")
+    p.add_argument("--kv-transport", choices=["nixl", "grpc"], default=None)
+    p.add_argument("--kv-failure-policy", choices=["fail", "recompute"], default=None)
+    p.add_argument("--api-key", action="append", default=None,
+                   help="accepted API key (repeatable; default: $PDSERVE_API_KEY, comma separated)")
+    p.add_argument("--rate-limit-per-minute", type=int, default=None, help="requests per minute per API key")
+    p.add_argument("--reasoning-parser", choices=["think"], default=None)
+    p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker (default 1)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    p.add_argument("--quantization", choices=["wint8", "wint4"], default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    p.add_argument("--no-enable-prefix-caching", action="store_true")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from cluster.bench.main import run
+
+    return int(run(args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``pdserve`` argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
         prog="pdserve", description="pdserve: disaggregated prefill/decode LLM serving"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI API with prefill/decode workers on Ray")
+    _add_serve_args(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    from cluster.bench.main import add_arguments as add_bench_arguments
+
+    bench_serving = sub.add_parser("bench", help="load-test any OpenAI-compatible server")
+    add_bench_arguments(bench_serving)
+    bench_serving.set_defaults(func=_cmd_bench)
 
     gen = sub.add_parser("generate", help="offline generation with the engine")
     gen.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2)")

@@ -103,7 +103,7 @@ class EngineLoop:
         try:
             return await self.call(fn)
         except asyncio.CancelledError:
-            self.call_nowait(lambda engine: self._abort(engine, request_id))
+            self.abort_nowait(request_id)
             raise
 
     async def _drain(self, request_id: str, sink: _Sink) -> AsyncIterator[RequestOutput]:
@@ -120,11 +120,15 @@ class EngineLoop:
                     return
         finally:
             if not finished:
-                self.call_nowait(lambda engine: self._abort(engine, request_id))
+                self.abort_nowait(request_id)
 
     async def abort(self, request_id: str) -> bool:
         """Abort in any state; True when the request was known."""
         return await self.call(lambda engine: self._abort(engine, request_id))
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Abort without waiting (cleanup paths of cancelled tasks)."""
+        self.call_nowait(lambda engine: self._abort(engine, request_id))
 
     def _abort(self, engine: LLMEngine, request_id: str) -> bool:
         known = request_id in engine.children or request_id in engine.requests

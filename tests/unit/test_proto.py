@@ -1,6 +1,8 @@
 """The committed generated modules match the .proto files, and import after a plain install."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,11 +12,12 @@ PROTO_ROOT = Path(__file__).resolve().parents[2] / "proto"
 
 
 def _compiled(tmp_path: Path, name: str) -> descriptor_pb2.FileDescriptorProto:
-    from grpc_tools import protoc
-
     out = tmp_path / "set.pb"
-    rc = protoc.main(["protoc", f"-I{PROTO_ROOT}", f"--descriptor_set_out={out}", f"pdserve/v1/{name}.proto"])
-    assert rc == 0, f"protoc failed on {name}.proto"
+    # In a subprocess: grpc_tools' compiler extension bundles its own protobuf and crashes when it is
+    # loaded into a process that already holds the upb runtime and gRPC (seen as a segfault here).
+    run = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"--descriptor_set_out={out}",
+                          f"pdserve/v1/{name}.proto"], capture_output=True, text=True)
+    assert run.returncode == 0, f"protoc failed on {name}.proto: {run.stderr}"
     fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     (fd,) = [f for f in fds.file if f.name == f"pdserve/v1/{name}.proto"]
     for message in fd.message_type:  # generated modules drop the derived json_name

@@ -1,0 +1,148 @@
+"""Bring a whole pdserve cluster up and down: Redis, Ray, workers (Ray actors), the router.
+
+`pdserve serve` uses `ServeSession` on one machine: an embedded Redis unless a URL is given, a
+local Ray started with the CPUs the workers need (or an existing Ray via `ray_address`), one
+actor per worker, and the router in this process. `stop()` undoes every step it did, by handle
+and pid, so Ctrl-C leaves no process behind.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.config import ClusterConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeSession:
+    config: ClusterConfig
+    redis_url: str = ""
+    workers: list[dict] = field(default_factory=list)  # {worker_id, address, role, pid}
+    actors: list[Any] = field(default_factory=list)
+    _embedded: Any = None
+    _started_ray: bool = False
+    _ray_tmp: str | None = None
+    _server: Any = None
+    _server_thread: threading.Thread | None = None
+
+    # ----- up -----
+    def start_state(self) -> str:
+        if self.config.redis_url:
+            self.redis_url = self.config.redis_url
+        else:
+            from cluster.state.embedded import EmbeddedRedis
+
+            self._embedded = EmbeddedRedis()
+            self.redis_url = self._embedded.start()
+            logger.info("embedded Redis at %s", self.redis_url)
+        return self.redis_url
+
+    def start_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        c = self.config
+        if c.ray_address:
+            ray.init(address=c.ray_address, logging_level=logging.WARNING)
+        else:
+            workers = c.prefill + c.decode + c.mixed
+            # A short path: Ray's unix sockets live under it and have a ~100 character limit.
+            self._ray_tmp = tempfile.mkdtemp(prefix="pdray-", dir="/tmp")
+            ray.init(num_cpus=workers * c.worker_threads, include_dashboard=False, _temp_dir=self._ray_tmp,
+                     logging_level=logging.WARNING, log_to_driver=False)
+        self._started_ray = True
+
+    def start_workers(self, timeout_s: float = 600.0) -> list[dict]:
+        import ray
+
+        from cluster.worker.actor import WorkerActor
+
+        c = self.config
+        roles = ["prefill"] * c.prefill + ["decode"] * c.decode + ["mixed"] * c.mixed
+        if c.mixed:
+            roles = ["mixed"] * c.mixed + (["prefill"] * c.prefill + ["decode"] * c.decode if c.prefill and c.decode else [])
+        for role in roles:
+            spec = c.worker_spec(role, self.redis_url)
+            self.actors.append(WorkerActor.options(num_cpus=c.worker_threads).remote(spec.model_dump()))
+        self.workers = ray.get([a.start.remote() for a in self.actors], timeout=timeout_s)
+        for w in self.workers:
+            logger.info("worker %s (%s) at %s, pid %s", w["worker_id"], w["role"], w["address"], w["pid"])
+        return self.workers
+
+    def start_router(self, port: int | None = None) -> str:
+        """Serve the router from a background thread; returns its base URL once it accepts connections."""
+        import uvicorn
+
+        app = build_router_app(self.config, self.redis_url)
+        port = self.config.port if port is None else port
+        cfg = uvicorn.Config(app, host=self.config.host, port=port, log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(cfg)
+        self._server_thread = threading.Thread(target=self._server.run, name="router", daemon=True)
+        self._server_thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if not self._server_thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the router did not start on {self.config.host}:{port}")
+            time.sleep(0.05)
+        bound = self._server.servers[0].sockets[0].getsockname()[1]
+        return f"http://{self.config.host}:{bound}"
+
+    def start(self) -> str:
+        self.start_state()
+        self.start_ray()
+        self.start_workers()
+        return self.start_router()
+
+    # ----- down -----
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._server_thread is not None:
+                self._server_thread.join(15)
+            self._server = None
+        if self.actors:
+            import ray
+
+            try:
+                ray.get([a.stop.remote() for a in self.actors], timeout=30)
+            except Exception as exc:  # noqa: BLE001 - a dead actor cannot deregister; kill it anyway
+                logger.warning("stopping workers: %s", exc)
+            for a in self.actors:
+                ray.kill(a)
+            self.actors.clear()
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+
+
+def build_router_app(config: ClusterConfig, redis_url: str):
+    """The FastAPI app over a ClusterBackend (used by `pdserve serve` and the router Deployment)."""
+    from cluster.router.app import create_app
+    from cluster.router.cluster_backend import ClusterBackend, model_info
+    from cluster.router.local import default_served_name
+    from cluster.router.settings import RouterSettings
+    from cluster.state.store import Store
+
+    info = model_info(config.engine, config.served_model_name or default_served_name(config.engine.model))
+    backend = ClusterBackend(Store.from_url(redis_url, config.cluster), info, block_size=config.engine.block_size)
+    settings = RouterSettings(api_keys=list(config.api_keys), rate_limit_per_minute=config.rate_limit_per_minute,
+                              reasoning_parser=config.reasoning_parser, served_model_name=info.name)
+    limiter = None
+    if config.rate_limit_per_minute:
+        from cluster.router.limits import RedisRateLimiter
+
+        # Shared across router replicas; the app's own in-memory limiter would count per replica.
+        limiter = RedisRateLimiter(Store.from_url(redis_url, config.cluster), config.rate_limit_per_minute)
+    return create_app(backend, settings, rate_limiter=limiter)

@@ -1,0 +1,227 @@
+"""ClusterBackend: runs a request across workers over gRPC (the disaggregated request lifecycle).
+
+1. pick a prefill worker by prefix overlap (Redis prefix index) and queued prefill tokens;
+2. `Prefill` there: the first token comes back with a KVHandle; it is streamed at once;
+3. pick a decode worker by free KV blocks and running sequences; `Decode` there pulls the KV
+   and streams the rest;
+4. on early exit (client gone) abort on both workers; a worker that is unreachable is marked
+   down and the step is retried once elsewhere before the client sees an error.
+With only `mixed` workers, one `Generate` call does it all.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cluster.config import EngineArgs
+from cluster.errors import InvalidRequestError, NoWorkerError, PdserveError, WorkerError
+from cluster.router.backend import GenerationRequest, ModelInfo
+from cluster.router.policy import pick_decode, pick_prefill
+from cluster.router.pool import WorkerConn, WorkerPool
+from cluster.state.prefix import prefix_block_hashes
+from cluster.state.store import Store
+from cluster.worker.convert import params_to_pb
+from engine.config import DEFAULT_MAX_MODEL_LEN_CAP
+from engine.loader import load_config, load_tokenizer, resolve_model_path
+from pdserve.v1 import worker_pb2
+
+logger = logging.getLogger(__name__)
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def model_info(engine: EngineArgs, served_model_name: str) -> ModelInfo:
+    """What the router needs of the model (tokenizer, context length) without loading weights."""
+    path = resolve_model_path(engine.model)
+    hf = load_config(path)
+    max_len = engine.max_model_len or min(int(hf.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN_CAP)),
+                                          DEFAULT_MAX_MODEL_LEN_CAP)
+    tok = load_tokenizer(path)
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ModelInfo(served_model_name, max_len, tok, eos_ids, int(time.time()))
+
+
+def _error(exc: grpc.aio.AioRpcError, conn: WorkerConn) -> PdserveError:
+    code, detail = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequestError(detail)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return NoWorkerError(f"worker {conn.info.worker_id} is out of capacity: {detail}", code="overloaded")
+    return WorkerError(f"worker {conn.info.worker_id} failed: {code.name}: {detail}")
+
+
+class ClusterBackend:
+    def __init__(self, store: Store, model: ModelInfo, block_size: int = 16, prefill_timeout_s: float = 600.0) -> None:
+        self.store = store
+        self.model = model
+        self.block_size = block_size
+        self.prefill_timeout_s = prefill_timeout_s
+        self.pool = WorkerPool(store)
+        self._bg: set[asyncio.Task] = set()
+
+    # ----- Backend protocol -----
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[worker_pb2.TokenChunk]:
+        await self.pool.refresh()
+        if self.pool.ready("prefill") and self.pool.ready("decode"):
+            stream = self._disaggregated(request)
+        elif self.pool.ready("mixed"):
+            stream = self._colocated(request)
+        else:
+            raise NoWorkerError(self._missing())
+        async for chunk in stream:
+            yield chunk
+
+    async def readiness(self) -> tuple[bool, str]:
+        try:
+            await self.pool.refresh()
+        except Exception as exc:  # noqa: BLE001 - Redis down: not ready, say why
+            return False, f"registry unavailable: {exc}"
+        if (self.pool.ready("prefill") and self.pool.ready("decode")) or self.pool.ready("mixed"):
+            return True, "ready"
+        return False, self._missing()
+
+    async def worker_stats(self) -> list[worker_pb2.StatsResponse]:
+        await self.pool.refresh()
+        conns = list(self.pool.conns.values())
+        results = await asyncio.gather(*(c.stub.Stats(worker_pb2.StatsRequest(), timeout=2.0) for c in conns),
+                                       return_exceptions=True)
+        return [r for r in results if isinstance(r, worker_pb2.StatsResponse)]
+
+    async def close(self) -> None:
+        for t in list(self._bg):
+            t.cancel()
+        await self.pool.close()
+        await self.store.close()
+
+    # ----- paths -----
+    def _missing(self) -> str:
+        have = {r: len(self.pool.ready(r)) for r in ("prefill", "decode", "mixed")}
+        return ("no ready worker for this request: need a prefill and a decode worker, or a mixed one "
+                f"(ready: {have['prefill']} prefill, {have['decode']} decode, {have['mixed']} mixed)")
+
+    def _generate_pb(self, request: GenerationRequest, epoch: int) -> worker_pb2.GenerateRequest:
+        return worker_pb2.GenerateRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                                          params=params_to_pb(request.params), epoch=epoch)
+
+    async def _pick_prefill(self, request: GenerationRequest, role: str, exclude: set[str]) -> WorkerConn:
+        conns = [c for c in self.pool.ready(role) if c.info.worker_id not in exclude]
+        if not conns:
+            raise NoWorkerError(self._missing())
+        hashes = prefix_block_hashes(list(request.prompt_token_ids), self.block_size)
+        overlap = await self.store.prefix_overlap(hashes) if hashes and len(conns) > 1 else {}
+        prompt_blocks = -(-len(request.prompt_token_ids) // self.block_size)
+        view = pick_prefill([c.view() for c in conns], overlap, prompt_blocks, self.block_size)
+        return self.pool.conns[view.worker_id]
+
+    def _pick_decode(self, request: GenerationRequest, exclude: set[str], prefill: WorkerConn) -> WorkerConn:
+        ready = [c for c in self.pool.ready("decode") if c.info.worker_id not in exclude]
+        # KV only moves between identical layouts (the handshake enforces it; skip the doomed pairs).
+        conns = [c for c in ready if c.info.layout_hash == prefill.info.layout_hash]
+        if not conns:
+            if ready:
+                raise NoWorkerError(f"no ready decode worker shares the KV layout {prefill.info.layout_hash} of "
+                                    f"prefill worker {prefill.info.worker_id}", code="kv_layout_mismatch")
+            raise NoWorkerError(self._missing())
+        need = -(-(len(request.prompt_token_ids) + request.params.max_tokens) // self.block_size)
+        return self.pool.conns[pick_decode([c.view() for c in conns], need).worker_id]
+
+    async def _prefill(self, request: GenerationRequest) -> tuple[WorkerConn, worker_pb2.PrefillResponse]:
+        tried: set[str] = set()
+        while True:
+            conn = await self._pick_prefill(request, "prefill", tried)
+            conn.inflight += 1
+            try:
+                resp = await conn.stub.Prefill(self._generate_pb(request, conn.info.epoch),
+                                               timeout=self.prefill_timeout_s)
+                return conn, resp
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _RETRYABLE and not tried:
+                    tried.add(conn.info.worker_id)
+                    self._after_failure(conn, exc)
+                    continue
+                raise _error(exc, conn) from exc
+            finally:
+                conn.inflight -= 1
+
+    async def _disaggregated(self, request: GenerationRequest) -> AsyncIterator[worker_pb2.TokenChunk]:
+        rid = request.request_id
+        p_conn, resp = await self._prefill(request)
+        yield resp.first
+        if resp.first.finish_reason or not resp.HasField("handle"):
+            return
+        tried: set[str] = set()
+        finished = False
+        while True:
+            try:
+                d_conn = self._pick_decode(request, tried, p_conn)
+            except NoWorkerError:
+                self._abort_later(p_conn, rid)  # nobody will pull: unpin now rather than at lease expiry
+                raise
+            d_conn.inflight += 1
+            decode = worker_pb2.DecodeRequest(request=self._generate_pb(request, d_conn.info.epoch),
+                                              handle=resp.handle, first_token_id=resp.first.token_ids[0])
+            call = d_conn.stub.Decode(decode)
+            got_any = retry = False
+            try:
+                async for chunk in call:
+                    got_any = True
+                    finished = bool(chunk.finish_reason)
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                # Nothing streamed yet and P still holds the lease: another decode worker can pull.
+                retry = exc.code() in _RETRYABLE and not got_any and not tried
+                if not retry:
+                    raise _error(exc, d_conn) from exc
+                tried.add(d_conn.info.worker_id)
+                self._after_failure(d_conn, exc)
+            finally:
+                d_conn.inflight -= 1
+                if not finished:
+                    call.cancel()
+                    self._abort_later(d_conn, rid)
+                    if not retry:
+                        self._abort_later(p_conn, rid)
+
+    async def _colocated(self, request: GenerationRequest) -> AsyncIterator[worker_pb2.TokenChunk]:
+        conn = await self._pick_prefill(request, "mixed", set())
+        conn.inflight += 1
+        call = conn.stub.Generate(self._generate_pb(request, conn.info.epoch))
+        finished = False
+        try:
+            async for chunk in call:
+                finished = bool(chunk.finish_reason)
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.pool.mark_down(conn.info.worker_id)
+            raise _error(exc, conn) from exc
+        finally:
+            conn.inflight -= 1
+            if not finished:
+                call.cancel()
+                self._abort_later(conn, request.request_id)
+
+    # ----- helpers -----
+    def _after_failure(self, conn: WorkerConn, exc: grpc.aio.AioRpcError) -> None:
+        logger.warning("worker %s: %s: %s; retrying elsewhere", conn.info.worker_id, exc.code().name, exc.details())
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            self.pool.mark_down(conn.info.worker_id)
+        else:  # stale epoch or role: re-read the registry before the retry
+            self.pool._refreshed = 0.0
+
+    def _abort_later(self, conn: WorkerConn, request_id: str) -> None:
+        async def abort() -> None:
+            try:
+                await conn.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=5.0)
+            except grpc.aio.AioRpcError as exc:
+                logger.info("abort of %s on %s failed: %s", request_id, conn.info.worker_id, exc.code().name)
+
+        task = asyncio.get_running_loop().create_task(abort())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)

@@ -1,0 +1,62 @@
+"""WorkerActor: a Ray actor hosting one WorkerRuntime.
+
+Ray places and restarts the process; the data plane does not go through Ray (router -> worker is
+gRPC, worker -> worker KV is NIXL or gRPC). The actor's spec is a plain dict validated as a
+`WorkerSpec`, so nothing but JSON-able data crosses Ray for it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+
+@ray.remote
+class WorkerActor:
+    def __init__(self, spec: dict) -> None:
+        from cluster.config import WorkerSpec
+
+        self.spec = WorkerSpec.model_validate(spec)
+        # One engine per worker process: pin torch's threads so co-located workers do not fight
+        # over cores (two 2-thread workers on 2 cores run ~10x slower than 1 thread each).
+        os.environ["OMP_NUM_THREADS"] = str(self.spec.num_threads)
+        import torch
+
+        torch.set_num_threads(self.spec.num_threads)
+        logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.runtime = None
+
+    async def start(self) -> dict:
+        """Load the model, serve gRPC, register; returns {worker_id, address, role, pid}."""
+        from cluster.worker.runtime import WorkerRuntime
+
+        self.runtime = WorkerRuntime(self.spec)
+        await self.runtime.start()
+        return {"worker_id": self.runtime.worker_id, "address": self.runtime.address, "role": self.runtime.role,
+                "pid": os.getpid()}
+
+    async def stop(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.stop()
+            self.runtime = None
+
+    async def leaks(self) -> list[str]:
+        """Engine leak check plus leases still held (for tests and drains)."""
+        rt = self.runtime
+        problems = await rt.loop.call(lambda e: e.leaks())
+        if len(rt.leases):
+            problems.append(f"leases still held: {len(rt.leases)}")
+        return problems
+
+    async def stats(self) -> bytes:
+        """StatsResponse, serialized (protobuf, not pickle)."""
+        return (await self.runtime.stats()).SerializeToString()
+
+    async def peer_errors(self) -> dict[str, str]:
+        """Handshake failures by peer address (layout or protocol mismatches)."""
+        return dict(self.runtime.peer_errors)
+
+    def pid(self) -> int:
+        return os.getpid()

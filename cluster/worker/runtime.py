@@ -1,0 +1,168 @@
+"""WorkerRuntime: one worker's parts wired together (engine loop, gRPC server, KV, registry).
+
+Start order: engine -> KV region (NIXL registration) -> gRPC server (Worker + KV services) ->
+register in Redis. Then a housekeeping task every heartbeat: reap expired leases, heartbeat the
+load, and (decode/mixed roles) handshake with prefill peers that appeared in the registry, so
+connection set-up never lands on a request's path. Stop reverses it and leaves nothing behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+
+from cluster.config import WorkerSpec
+from cluster.kv.counters import KVCounters
+from cluster.kv.layout import KVLayout
+from cluster.kv.leases import LeaseTable
+from cluster.kv.receiver import KVLayoutMismatch, KVReceiver
+from cluster.kv.service import KVServicer
+from cluster.state.prefix import prefix_block_hashes
+from cluster.state.store import Store, WorkerInfo, WorkerLoad
+from cluster.worker.engine_loop import EngineLoop
+from cluster.worker.service import ROLE_PB, WorkerServicer
+from cluster.worker.stats import stats_response
+from engine.llm_engine import LLMEngine
+from pdserve.v1 import kv_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+class WorkerRuntime:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.worker_id = spec.worker_id or f"{spec.role}-{uuid.uuid4().hex[:8]}"
+        self.role = spec.role
+        self.epoch = 1
+        self.draining = False
+        self.started_ts = time.time()
+        self.address = ""
+        self.kv_counters = KVCounters()
+        self.leases = LeaseTable(spec.kv_lease_seconds)
+        self.peer_errors: dict[str, str] = {}  # address -> handshake error
+        self._tasks: set[asyncio.Task] = set()
+        self._server: grpc.aio.Server | None = None
+        self._housekeeping: asyncio.Task | None = None
+        self.loop: EngineLoop
+        self.store: Store
+
+    # ----- lifecycle -----
+    async def start(self) -> None:
+        spec = self.spec
+        engine = await asyncio.to_thread(LLMEngine.from_args, spec.engine.model, **spec.engine.engine_kwargs())
+        self.block_size = engine.config.cache.block_size
+        self.model_name = engine.config.model.path
+        self.layout = KVLayout.from_engine_config(engine.config)
+        self.loop = EngineLoop(engine, name=f"engine-{self.worker_id}")
+        kv_caches = engine.runner.kv_caches
+        self.receiver = KVReceiver(self.worker_id, self.layout, kv_caches, spec.kv_transport, self.kv_counters,
+                                   timeout_s=spec.kv_timeout_seconds)
+        self.kv_service = KVServicer(self.worker_id, self.layout, kv_caches, self.leases, self._release_blocks,
+                                     self.kv_counters, self.receiver.nixl_source)
+        self._server = grpc.aio.server(options=GRPC_OPTIONS)
+        worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(self), self._server)
+        kv_pb2_grpc.add_KVServicer_to_server(self.kv_service, self._server)
+        port = self._server.add_insecure_port(f"{spec.host}:{spec.port}")
+        await self._server.start()
+        self.address = f"{spec.advertise_host or spec.host}:{port}"
+        self.store = Store.from_url(spec.redis_url, spec.cluster)
+        await self.store.register_worker(self._info(await self._load()), ttl_s=spec.registry_ttl_seconds)
+        self._housekeeping = asyncio.create_task(self._housekeep())
+        logger.info("worker %s (%s) serving on %s, KV over %s, layout %s", self.worker_id, self.role, self.address,
+                    spec.kv_transport, self.layout.hash())
+
+    async def stop(self) -> None:
+        """Deregister first (routers stop sending), then close the server and the engine."""
+        self.draining = True
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        try:
+            await self.store.deregister(self.worker_id)
+            await self.store.close()
+        except Exception as exc:  # noqa: BLE001 - Redis may already be gone at shutdown
+            logger.warning("deregistering %s failed: %s", self.worker_id, exc)
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        await self.receiver.close()
+        await asyncio.to_thread(self.loop.stop)
+
+    # ----- used by the services -----
+    async def _release_blocks(self, request_id: str) -> None:
+        def release(engine: LLMEngine) -> None:
+            try:
+                engine.release_kv(request_id)
+            except ValueError:  # aborted meanwhile: its blocks are already free
+                pass
+
+        await self.loop.call(release)
+
+    async def abort(self, request_id: str) -> bool:
+        leased = self.leases.release(request_id)
+        found = await self.loop.abort(request_id)
+        return found or leased
+
+    def publish_prefix(self, prompt_token_ids: list[int]) -> None:
+        hashes = prefix_block_hashes(prompt_token_ids, self.block_size)
+        if hashes:
+            self._spawn(self.store.publish_prefix(self.worker_id, hashes))
+
+    async def stats(self) -> worker_pb2.StatsResponse:
+        def read(engine: LLMEngine):
+            queued = sum(r.num_prompt_tokens - r.num_computed_tokens for r in engine.scheduler.waiting
+                         if r.num_computed_tokens < r.num_prompt_tokens)
+            return engine.stats(), queued
+
+        s, queued = await self.loop.call(read)
+        return stats_response(self.worker_id, ROLE_PB[self.role], self.epoch, s, self.kv_counters,
+                              num_active_leases=len(self.leases), queued_prefill_tokens=queued)
+
+    # ----- housekeeping -----
+    async def _load(self) -> WorkerLoad:
+        s = await self.stats()
+        return WorkerLoad(num_running=s.num_requests_running, num_waiting=s.num_requests_waiting,
+                          num_free_blocks=s.num_free_blocks, num_blocks=s.num_blocks,
+                          queued_prefill_tokens=s.queued_prefill_tokens, prefix_cache_hits=s.prefix_cache_hits,
+                          num_holding_kv=s.num_holding_kv)
+
+    def _info(self, load: WorkerLoad) -> WorkerInfo:
+        return WorkerInfo(worker_id=self.worker_id, address=self.address, role=self.role, epoch=self.epoch,
+                          model=self.model_name, layout_hash=self.layout.hash(), transport=self.spec.kv_transport,
+                          load=load, heartbeat_ts=time.time(), ready=not self.draining, started_ts=self.started_ts)
+
+    async def _housekeep(self) -> None:
+        while True:
+            try:
+                await self.kv_service.reap(time.time())
+                load = await self._load()
+                if not await self.store.heartbeat(self.worker_id, load, ready=not self.draining,
+                                                  ttl_s=self.spec.registry_ttl_seconds):
+                    await self.store.register_worker(self._info(load), ttl_s=self.spec.registry_ttl_seconds)
+                if self.role in ("decode", "mixed"):
+                    await self._connect_peers()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep heartbeating through transient Redis errors
+                logger.warning("worker %s housekeeping: %s", self.worker_id, exc)
+            await asyncio.sleep(self.spec.heartbeat_seconds)
+
+    async def _connect_peers(self) -> None:
+        for w in await self.store.list_workers():
+            if w.role not in ("prefill", "mixed") or w.worker_id == self.worker_id or w.address in self.peer_errors:
+                continue
+            try:
+                await self.receiver.handshake(w.address)
+            except KVLayoutMismatch as exc:
+                self.peer_errors[w.address] = str(exc)
+                logger.error("worker %s cannot take KV from %s: %s", self.worker_id, w.worker_id, exc)
+            except Exception as exc:  # noqa: BLE001 - the peer may be starting or gone; retried next tick
+                logger.info("handshake with %s not done yet: %s", w.address, exc)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

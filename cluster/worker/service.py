@@ -1,0 +1,178 @@
+"""The Worker gRPC service: Prefill, Decode, Generate, Abort, Health, Stats on one engine.
+
+Prefill side (role prefill or mixed):
+  1. schedule the prompt with `hold_kv` (chunked like any prompt), sample the first token;
+  2. pin the blocks under a lease and return the first token plus a KVHandle;
+  3. unpin when the decode worker Releases, when the lease expires, or on Abort.
+Decode side (role decode or mixed):
+  1. allocate blocks for the prompt, reusing this worker's prefix cache;
+  2. pull the blocks it lacks from the prefill worker (NIXL READ or gRPC stream), Release there;
+  3. continue from the first token and stream the tokens after it.
+A failed pull ends the request (`fail`) or recomputes the prompt here (`recompute`, counted).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from cluster.worker.convert import output_to_chunk, params_from_pb
+from cluster.worker.engine_loop import EngineDead
+from engine.sampling_params import SamplingParams
+from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
+
+if TYPE_CHECKING:
+    from cluster.worker.runtime import WorkerRuntime
+
+logger = logging.getLogger(__name__)
+
+ROLE_PB = {"prefill": worker_pb2.ROLE_PREFILL, "decode": worker_pb2.ROLE_DECODE, "mixed": worker_pb2.ROLE_MIXED}
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, rt: "WorkerRuntime") -> None:
+        self.rt = rt
+
+    # ----- checks -----
+    async def _admit(self, ctx: grpc.aio.ServicerContext, epoch: int, roles: tuple[str, ...], what: str) -> None:
+        rt = self.rt
+        if rt.draining:
+            await ctx.abort(grpc.StatusCode.UNAVAILABLE, f"worker {rt.worker_id} is shutting down")
+        if rt.role not in roles:
+            await ctx.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"worker {rt.worker_id} has role {rt.role}; {what} needs {' or '.join(roles)}")
+        if epoch and epoch != rt.epoch:
+            await ctx.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"worker {rt.worker_id} is at epoch {rt.epoch}, the request saw {epoch}")
+
+    async def _params(self, ctx: grpc.aio.ServicerContext, req: worker_pb2.GenerateRequest) -> SamplingParams:
+        try:
+            return params_from_pb(req.params)
+        except ValueError as exc:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # unreachable: abort raises
+
+    # ----- prefill -----
+    async def Prefill(self, request: worker_pb2.GenerateRequest, context) -> worker_pb2.PrefillResponse:
+        await self._admit(context, request.epoch, ("prefill", "mixed"), "Prefill")
+        params = await self._params(context, request)
+        rt, rid = self.rt, request.request_id
+        t0 = time.monotonic()
+        last = None
+        try:
+            async for out in rt.loop.generate(rid, list(request.prompt_token_ids), params, hold_kv=True):
+                last = out
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineDead as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        first = output_to_chunk(last, params.logprobs)
+        resp = worker_pb2.PrefillResponse(first=first, prefill_seconds=time.monotonic() - t0)
+        if not last.kv_held:
+            return resp  # the first token already ended the request; nothing to move
+        try:
+            block_ids = await rt.loop.call(lambda e: e.held_kv_blocks(rid))
+        except ValueError:  # aborted between the last step and now
+            await context.abort(grpc.StatusCode.ABORTED, f"request {rid} was aborted during prefill")
+        except asyncio.CancelledError:  # the caller went away before the blocks got a lease
+            rt.loop.abort_nowait(rid)
+            raise
+        expiry = rt.leases.add(rid, list(block_ids), len(request.prompt_token_ids), time.time())
+        resp.handle.CopyFrom(kv_pb2.KVHandle(
+            worker_id=rt.worker_id, kv_address=rt.address, request_id=rid, block_ids=block_ids,
+            num_tokens=len(request.prompt_token_ids), layout_hash=rt.layout.hash(), lease_expiry_unix=expiry,
+            transport=rt.spec.kv_transport,
+        ))
+        rt.publish_prefix(list(request.prompt_token_ids))
+        return resp
+
+    # ----- decode -----
+    async def Decode(self, request: worker_pb2.DecodeRequest, context) -> AsyncIterator[worker_pb2.TokenChunk]:
+        g = request.request
+        await self._admit(context, g.epoch, ("decode", "mixed"), "Decode")
+        params = await self._params(context, g)
+        rt, rid, handle = self.rt, g.request_id, request.handle
+        if handle.layout_hash != rt.layout.hash():
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"KV layout mismatch: the prefill worker's hash is {handle.layout_hash}, this worker "
+                                f"({rt.layout.describe()}) has {rt.layout.hash()}")
+        prompt = list(g.prompt_token_ids)
+        try:
+            kv_import, stream = await rt.loop.attach(
+                rid, lambda e: e.add_prefilled_request(rid, prompt, request.first_token_id, params))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except MemoryError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            await rt.receiver.fetch(handle, kv_import.block_ids, kv_import.num_cached_blocks)
+        except Exception as exc:  # noqa: BLE001 - any transfer failure goes through the policy
+            await rt.loop.abort(rid)  # frees the blocks allocated for the import (the stream never started)
+            if rt.spec.kv_failure_policy == "recompute":
+                rt.kv_counters.recompute_total += 1
+                logger.warning("KV pull for %s failed (%s); recomputing the prompt here", rid, exc)
+                async for chunk in self._recompute(rid, prompt, request.first_token_id, params):
+                    yield chunk
+                return
+            logger.warning("KV pull for %s failed: %s", rid, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
+        except BaseException:
+            rt.loop.abort_nowait(rid)
+            raise
+        try:
+            (first,) = await rt.loop.call(lambda e: e.finish_kv_import(rid))
+            if first.finished:
+                # The first token alone ended it here (the prefill side already streamed it).
+                yield worker_pb2.TokenChunk(finish_reason=output_to_chunk(first, None).finish_reason,
+                                            num_prompt_tokens=len(prompt))
+                return
+            async for out in stream:
+                yield output_to_chunk(out, params.logprobs)
+        finally:
+            await stream.aclose()
+            rt.loop.abort_nowait(rid)  # no-op after a normal finish; drops the stream if it never started
+
+    async def _recompute(self, rid: str, prompt: list[int], first_token: int,
+                         params: SamplingParams) -> AsyncIterator[worker_pb2.TokenChunk]:
+        # The client already has the first token: continue from prompt + first token.
+        from dataclasses import replace
+
+        rest = replace(params, max_tokens=max(1, params.max_tokens - 1), min_tokens=max(0, params.min_tokens - 1))
+        async for out in self.rt.loop.generate(rid, prompt + [first_token], rest):
+            chunk = output_to_chunk(out, params.logprobs)
+            chunk.num_prompt_tokens = len(prompt)
+            yield chunk
+
+    # ----- colocated -----
+    async def Generate(self, request: worker_pb2.GenerateRequest, context) -> AsyncIterator[worker_pb2.TokenChunk]:
+        await self._admit(context, request.epoch, ("mixed",), "Generate")
+        params = await self._params(context, request)
+        try:
+            async for out in self.rt.loop.generate(request.request_id, list(request.prompt_token_ids), params):
+                yield output_to_chunk(out, params.logprobs)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineDead as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    # ----- control -----
+    async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
+        found = await self.rt.abort(request.request_id)
+        return worker_pb2.AbortResponse(found=found)
+
+    async def Health(self, request, context) -> worker_pb2.HealthResponse:
+        rt = self.rt
+        ready = rt.loop.alive and not rt.draining
+        return worker_pb2.HealthResponse(ready=ready, role=ROLE_PB[rt.role], epoch=rt.epoch, worker_id=rt.worker_id,
+                                         message="ready" if ready else "engine stopped or draining")
+
+    async def Stats(self, request, context) -> worker_pb2.StatsResponse:
+        return await self.rt.stats()
+
+    async def SetRole(self, request, context) -> worker_pb2.SetRoleResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "role switching is not implemented yet (reserved for the planner)")
