@@ -7,7 +7,7 @@ median milliseconds and the ratio to a local copy of the same bytes:
   memcpy        - export_blocks (index_select per layer) into a buffer, and a flat copy_ of it
   nixl read     - one NIXL READ of the blocks (descriptor per layer and run of blocks)
   grpc pull     - PullBlocks stream of ~1 MiB chunks, written into the cache
-  fetch (nixl)  - KVReceiver.fetch: ExtendLease + READ + Release, what a request pays
+  fetch (nixl)  - KVReceiver.fetch: ExtendLease + READ (Release sent off the request path), what a request pays
   fetch (grpc)  - KVReceiver.fetch: PullBlocks + Release
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ async def bench(args: argparse.Namespace, peer: PeerProcess, engine: LLMEngine) 
             rows.append((name, median_ms(t), nbytes))
         await asyncio.to_thread(peer.call, cmd="reap", advance=3600.0)  # drop the raw lease
 
-        for tag, name, rx in (("nixl", "fetch (nixl: ExtendLease+READ+Release)", nixl_rx),
+        for tag, name, rx in (("nixl", "fetch (nixl: ExtendLease+READ, Release async)", nixl_rx),
                               ("grpc", "fetch (grpc: Pull+Release)", grpc_rx)):
             t = []
             for i in range(args.fetch_iters):

@@ -1,8 +1,10 @@
 """The router's added latency: the same 1-token request through the HTTP router vs a direct
 gRPC call to the worker it would use (one mixed worker, so no KV transfer on either path).
 
-Both paths run interleaved in one session against one warm worker; prints medians and the
-difference. The router path includes HTTP, JSON, auth, tokenization and worker selection.
+Both paths run interleaved in one session against one warm worker, from a client process of its
+own (as real clients are: sharing the router's process and GIL would add the client's own work to
+the router's); prints medians and the difference. The router path includes HTTP, JSON, auth,
+tokenization and worker selection.
 
     .venv/bin/python benchmarks/router_overhead.py --iterations 60
 """
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,14 +56,22 @@ async def measure(url: str, worker: str, model: str, token_ids: list[int], n: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iterations", type=int, default=60)
+    ap.add_argument("--measure", nargs=4, metavar=("URL", "WORKER", "MODEL", "IDS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.measure:  # the client process
+        url, worker, model, ids = args.measure
+        print(json.dumps(asyncio.run(measure(url, worker, model, json.loads(ids), args.iterations))))
+        return
     logging.basicConfig(level=logging.WARNING)
     session = ServeSession(ClusterConfig(engine=EngineArgs(num_kv_blocks=128), mixed=1, prefill=0, decode=0, port=0))
     try:
         url = session.start()
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         tok = httpx.post(f"{url}/tokenize", json={"model": model, "prompt": PROMPT}).json()["tokens"]
-        direct, routed = asyncio.run(measure(url, session.workers[0]["address"], model, tok, args.iterations))
+        client = subprocess.run([sys.executable, __file__, "--iterations", str(args.iterations), "--measure", url,
+                                 session.workers[0]["address"], model, json.dumps(tok)],
+                                check=True, capture_output=True, text=True)
+        direct, routed = json.loads(client.stdout.strip().splitlines()[-1])
     finally:
         session.stop()
     d, r = statistics.median(direct), statistics.median(routed)

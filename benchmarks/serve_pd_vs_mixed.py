@@ -22,10 +22,12 @@ from cluster.config import ClusterConfig, EngineArgs  # noqa: E402
 from cluster.launch import ServeSession  # noqa: E402
 
 
-def bench(url: str, rate: float, args, out: Path, tokenizer: str) -> dict:
+def bench(url: str, rate: float, args, out: Path, tokenizer: str, seed: int) -> dict:
+    """One `pdserve bench` run. Each rate gets its own prompts (seed), the same for every setup, so
+    no run finds its prompts already in a prefix cache."""
     cmd = [sys.executable, "-m", "cluster.cli", "bench", "--base-url", url, "--dataset", "random",
            "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--num-prompts",
-           str(args.num_prompts), "--request-rate", str(rate), "--seed", "0", "--tokenizer", tokenizer,
+           str(args.num_prompts), "--request-rate", str(rate), "--seed", str(seed), "--tokenizer", tokenizer,
            "--disable-tqdm", "--result-json", str(out), "--goodput", f"ttft:{args.slo_ttft}", f"tpot:{args.slo_tpot}"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())["summary"]
@@ -58,9 +60,10 @@ def main() -> None:
         session = ServeSession(config)
         try:
             url = session.start()
-            bench(url, 1.0, argparse.Namespace(**{**vars(args), "num_prompts": 2}), Path(tempfile.mktemp()), tokenizer)
-            results[name] = {r: bench(url, r, args, out_dir / f"serve_{name}_rate{r}.json", tokenizer)
-                             for r in args.rates}
+            bench(url, 1.0, argparse.Namespace(**{**vars(args), "num_prompts": 2}), Path(tempfile.mktemp()), tokenizer,
+                  seed=999)
+            results[name] = {r: bench(url, r, args, out_dir / f"serve_{name}_rate{r}.json", tokenizer, seed=i)
+                             for i, r in enumerate(args.rates)}
         finally:
             session.stop()
     print(f"\n{args.num_prompts} requests, {args.input_len} in / {args.output_len} out, 2 workers x 1 thread each, "

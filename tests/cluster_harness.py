@@ -92,3 +92,18 @@ def worker_stats(session) -> dict[str, object]:
     for w, actor in zip(session.workers, session.actors):
         out[w["role"] + ":" + w["worker_id"]] = worker_pb2.StatsResponse.FromString(ray.get(actor.stats.remote()))
     return out
+
+
+def stream_then_disconnect(base_url: str, body: dict, api_key: str, events: int = 3) -> None:
+    """POST a streaming completion, read a few SSE events, then drop the connection (a client going away)."""
+    import httpx
+
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{base_url}/v1/completions", json=body,
+                         headers={"Authorization": f"Bearer {api_key}"}) as resp:
+            assert resp.status_code == 200, resp.read()
+            seen = 0
+            for line in resp.iter_lines():
+                seen += line.startswith("data: ")
+                if seen >= events:
+                    return

@@ -15,7 +15,8 @@ import httpx
 import openai
 import pytest
 
-from tests.cluster_harness import TEST_ENGINE, cluster_config, ray_session, running_cluster, worker_leaks, worker_stats
+from tests.cluster_harness import (TEST_ENGINE, cluster_config, ray_session, running_cluster, stream_then_disconnect,
+                                   worker_leaks, worker_stats)
 
 pytestmark = pytest.mark.slow
 
@@ -137,18 +138,9 @@ def test_client_disconnect_mid_stream_frees_blocks_on_both_workers(clusters):
     session = clusters["nixl"]
     body = {"model": _client(session).models.list().data[0].id, "prompt": "Write a long story about a dragon.",
             "max_tokens": 400, "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{session.url}/v1/completions", json=body,
-                         headers={"Authorization": f"Bearer {KEY}"}) as resp:
-            assert resp.status_code == 200
-            seen = 0
-            for line in resp.iter_lines():
-                seen += line.startswith("data: ")
-                if seen >= 3:
-                    break
-    stats = worker_stats(session)
+    stream_then_disconnect(session.url, body, KEY)
     assert worker_leaks(session) == []
-    assert all(s.num_requests_running == 0 for s in worker_stats(session).values()), stats
+    assert all(s.num_requests_running == 0 for s in worker_stats(session).values())
 
 
 def test_lease_expires_when_no_decode_worker_pulls(clusters):
@@ -295,3 +287,24 @@ def test_no_decode_worker_is_503_and_a_layout_mismatch_is_reported_at_handshake(
         assert worker_leaks(session) == []
     finally:
         session.stop()
+
+
+def test_pdserve_bench_against_the_cluster(clusters, tmp_path):
+    """The benchmark client against pdserve's own router (its unit tests use a stand-in server)."""
+    import json
+
+    from cluster.cli import main
+
+    session = clusters["nixl"]
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--base-url", session.url, "--api-key", KEY, "--dataset", "random", "--input-len", "32",
+               "--output-len", "4", "--num-prompts", "6", "--request-rate", "inf", "--max-concurrency", "3",
+               "--disable-tqdm", "--result-json", str(out), "--plot", str(tmp_path / "bench.png"),
+               "--goodput", "ttft:60000"])
+    assert rc == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["completed"] == 6 and summary["failed"] == 0
+    assert summary["total_output_tokens"] == 24  # ignore_eos + min_tokens: exactly 4 each
+    assert summary["ttft_ms"]["median"] > 0 and summary["good_requests"] == 6
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert worker_leaks(session) == []

@@ -21,6 +21,7 @@ from cluster.router.app import create_app
 from cluster.router.backend import GenerationRequest
 from cluster.router.settings import RouterSettings
 from pdserve.v1 import worker_pb2
+from tests.cluster_harness import stream_then_disconnect
 
 KEY = "sk-router-test"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -379,15 +380,7 @@ def test_error_mid_stream_is_a_final_event(urls, model):
 def test_disconnect_mid_stream_frees_the_engine(urls, model, backend):
     body = {"model": model, "prompt": "Write a long story about a dragon.", "max_tokens": 900, "ignore_eos": True,
             "stream": True}
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{urls['main']}/v1/completions", json=body,
-                         headers={"Authorization": f"Bearer {KEY}"}) as resp:
-            assert resp.status_code == 200
-            seen = 0
-            for line in resp.iter_lines():
-                seen += line.startswith("data: ")
-                if seen >= 3:
-                    break
+    stream_then_disconnect(urls['main'], body, KEY)
     # 900 tokens take about a minute here: no leak within seconds means the request was aborted.
     assert wait_no_leaks(backend, 10.0) == []
 

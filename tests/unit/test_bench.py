@@ -380,10 +380,11 @@ def _bench(argv: list[str]) -> int:
 
 
 def _check_timings(req: dict[str, Any], n_tokens: int) -> None:
-    """Measured times against the server's sleeps (loose upper bounds: 2 shared cores)."""
-    assert TTFT_SLEEP * 1000 - 1 <= req["ttft_ms"] < TTFT_SLEEP * 1000 + 2000
+    """Measured times against the server's sleeps. Only lower bounds: a loaded machine can delay
+    and bunch up chunks (so one gap may be short), but never make the sleeps shorter in total."""
+    assert req["ttft_ms"] >= TTFT_SLEEP * 1000 - 1
     assert len(req["itl_ms"]) == n_tokens - 1
-    assert all(ITL_SLEEP * 1000 - 1 <= gap < ITL_SLEEP * 1000 + 1000 for gap in req["itl_ms"])
+    assert sum(req["itl_ms"]) >= (n_tokens - 1) * ITL_SLEEP * 1000 - 1
     assert req["tpot_ms"] >= ITL_SLEEP * 1000 - 1
     assert req["e2e_ms"] >= req["ttft_ms"] + sum(req["itl_ms"]) - 1
 
