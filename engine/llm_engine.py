@@ -332,6 +332,7 @@ class LLMEngine:
         self.block_manager.cache_full_blocks(req)
         self.scheduler.add_running(req)
         self._append(req, req.pending_first_token, None)
+        self.generation_tokens_total -= 1  # sampled (and counted) by the prefill engine
         return self._snapshots([req])
 
     def score(self, token_ids: list[int]) -> torch.Tensor:

@@ -83,6 +83,8 @@ def test_export_import_resumes_with_identical_tokens(arch, tiny_checkpoint, make
         for out in decode.step():
             tokens = list(out.outputs[0].token_ids)
     assert tokens == expected
+    # Each token is counted once across the pair: the first by prefill, the rest by decode.
+    assert prefill.stats().generation_tokens_total + decode.stats().generation_tokens_total == len(expected)
 
     # Second time, the decode engine has the prompt's full blocks in its prefix cache and
     # needs only the tail block from the prefill engine.
