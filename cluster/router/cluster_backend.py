@@ -67,6 +67,8 @@ class ClusterBackend:
     # ----- Backend protocol -----
     async def generate(self, request: GenerationRequest) -> AsyncIterator[worker_pb2.TokenChunk]:
         await self.pool.refresh()
+        if not self._servable():
+            await self.pool.refresh(force=True)  # the view may predate a worker that just joined
         if self.pool.ready("prefill") and self.pool.ready("decode"):
             stream = self._disaggregated(request)
         elif self.pool.ready("mixed"):
@@ -78,10 +80,10 @@ class ClusterBackend:
 
     async def readiness(self) -> tuple[bool, str]:
         try:
-            await self.pool.refresh()
+            await self.pool.refresh(force=True)  # /ready reports the registry as it is now
         except Exception as exc:  # noqa: BLE001 - Redis down: not ready, say why
             return False, f"registry unavailable: {exc}"
-        if (self.pool.ready("prefill") and self.pool.ready("decode")) or self.pool.ready("mixed"):
+        if self._servable():
             return True, "ready"
         return False, self._missing()
 
@@ -99,6 +101,9 @@ class ClusterBackend:
         await self.store.close()
 
     # ----- paths -----
+    def _servable(self) -> bool:
+        return bool((self.pool.ready("prefill") and self.pool.ready("decode")) or self.pool.ready("mixed"))
+
     def _missing(self) -> str:
         have = {r: len(self.pool.ready(r)) for r in ("prefill", "decode", "mixed")}
         return ("no ready worker for this request: need a prefill and a decode worker, or a mixed one "
@@ -142,7 +147,7 @@ class ClusterBackend:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _RETRYABLE and not tried:
                     tried.add(conn.info.worker_id)
-                    self._after_failure(conn, exc)
+                    await self._after_failure(conn, exc)
                     continue
                 raise _error(exc, conn) from exc
             finally:
@@ -179,7 +184,7 @@ class ClusterBackend:
                 if not retry:
                     raise _error(exc, d_conn) from exc
                 tried.add(d_conn.info.worker_id)
-                self._after_failure(d_conn, exc)
+                await self._after_failure(d_conn, exc)
             finally:
                 d_conn.inflight -= 1
                 if not finished:
@@ -208,12 +213,12 @@ class ClusterBackend:
                 self._abort_later(conn, request.request_id)
 
     # ----- helpers -----
-    def _after_failure(self, conn: WorkerConn, exc: grpc.aio.AioRpcError) -> None:
+    async def _after_failure(self, conn: WorkerConn, exc: grpc.aio.AioRpcError) -> None:
         logger.warning("worker %s: %s: %s; retrying elsewhere", conn.info.worker_id, exc.code().name, exc.details())
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             self.pool.mark_down(conn.info.worker_id)
         else:  # stale epoch or role: re-read the registry before the retry
-            self.pool._refreshed = 0.0
+            await self.pool.refresh(force=True)
 
     def _abort_later(self, conn: WorkerConn, request_id: str) -> None:
         async def abort() -> None:

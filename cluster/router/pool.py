@@ -45,10 +45,26 @@ class WorkerPool:
     conns: dict[str, WorkerConn] = field(default_factory=dict)
     _refreshed: float = 0.0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _background: asyncio.Task | None = None
 
     async def refresh(self, force: bool = False) -> None:
+        """Re-read the registry when stale. Once a view exists, the re-read runs in the background so
+        a request never waits on Redis (a round trip costs milliseconds on a busy host)."""
         if not force and time.monotonic() - self._refreshed < self.refresh_s:
             return
+        if not force and self.conns:
+            if self._background is None or self._background.done():
+                self._background = asyncio.get_running_loop().create_task(self._reload_quietly())
+            return
+        await self._reload(force)
+
+    async def _reload_quietly(self) -> None:
+        try:
+            await self._reload(force=False)
+        except Exception as exc:  # noqa: BLE001 - keep serving from the last view; /ready reports it
+            logger.warning("registry refresh failed: %s", exc)
+
+    async def _reload(self, force: bool) -> None:
         async with self._lock:
             if not force and time.monotonic() - self._refreshed < self.refresh_s:
                 return
@@ -77,6 +93,8 @@ class WorkerPool:
             logger.warning("worker %s (%s) marked down for %.0fs", worker_id, conn.info.address, self.down_s)
 
     async def close(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
         for conn in self.conns.values():
             await conn.channel.close()
         self.conns.clear()
