@@ -308,3 +308,31 @@ def test_pdserve_bench_against_the_cluster(clusters, tmp_path):
     assert summary["ttft_ms"]["median"] > 0 and summary["good_requests"] == 6
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert worker_leaks(session) == []
+
+
+def test_decode_worker_killed_mid_stream_fails_fast_and_the_cluster_keeps_serving(clusters, redis_server):
+    """A decode worker dies (process killed) while streaming: its client gets an error at once, not
+    a hang; the prefill worker frees the request; the next requests go to the surviving decoder."""
+    import ray
+
+    cfg = cluster_config("faults", engine=ENGINE, prefill=1, decode=2)
+    with running_cluster(cfg, redis_server.url) as session:
+        client = openai.OpenAI(base_url=f"{session.url}/v1", api_key="x", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        stream = client.completions.create(model=model, prompt="Write a long story about a dragon.", max_tokens=400,
+                                           stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        busy = [w for w in worker_stats(session).items() if w[0].startswith("decode") and w[1].num_requests_running]
+        (victim_key, _), = busy
+        index = [f"{w['role']}:{w['worker_id']}" for w in session.workers].index(victim_key)
+        ray.kill(session.actors[index])
+        t0 = time.monotonic()
+        with pytest.raises(Exception):  # the stream ends with an error event (or a broken connection)
+            for _ in stream:
+                pass
+        assert time.monotonic() - t0 < 30
+        del session.actors[index], session.workers[index]
+        for i in range(3):  # the dead worker is skipped (marked down, then gone from the registry)
+            out = client.completions.create(model=model, prompt=f"Say {i}.", max_tokens=3, temperature=0)
+            assert out.choices[0].text
+        assert worker_leaks(session) == []
