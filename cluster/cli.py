@@ -11,29 +11,47 @@ from collections.abc import Sequence
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from engine import LLM, SamplingParams
-
     prompts = args.prompt or ["What is the capital of France?"]
-    llm = LLM(
+    try:
+        llm = _make_llm(args)
+    except ValueError as exc:
+        print(f"pdserve generate: error: {exc}", file=sys.stderr)
+        return 2
+    params = _params(args)
+    try:
+        if args.chat:
+            outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+        else:
+            outputs = llm.generate(prompts, params)
+    finally:
+        llm.close()  # stops the ranks of an expert-parallel group
+    for out in outputs:
+        print(out.outputs[0].text, flush=True)
+    return 0
+
+
+def _make_llm(args: argparse.Namespace):
+    from engine import LLM
+
+    return LLM(
         model=args.model,
         dtype=args.dtype,
         quantization=args.quantization,
         max_model_len=args.max_model_len,
+        expert_parallel_size=args.expert_parallel_size,
     )
-    params = SamplingParams(
+
+
+def _params(args: argparse.Namespace):
+    from engine import SamplingParams
+
+    return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,  # 0 or -1 = disabled, as in SamplingParams
         seed=args.seed,
     )
-    if args.chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
-    else:
-        outputs = llm.generate(prompts, params)
-    for out in outputs:
-        print(out.outputs[0].text, flush=True)
-    return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -184,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     gen.add_argument("--quantization", choices=["wint8", "wint4"], default=None)
     gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--expert-parallel-size", type=int, default=1,
+                     help="shard an MoE model's routed experts over N processes (gloo)")
     gen.set_defaults(func=_cmd_generate)
 
     conv = sub.add_parser("convert", help="convert a .gguf file into an HF safetensors folder")

@@ -18,12 +18,22 @@ class LLM:
 
     Keyword arguments are those of `LLMEngine.from_args`: dtype, max_model_len, max_num_seqs,
     max_num_batched_tokens, block_size, num_kv_blocks, kv_cache_memory_gb,
-    enable_prefix_caching, quantization ("wint8" | "wint4"), device.
+    enable_prefix_caching, quantization ("wint8" | "wint4"), device, expert_parallel_size
+    (MoE models: N processes share the routed experts; `close()` or `with LLM(...)` stops them).
     """
 
     def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
         self.engine = LLMEngine.from_args(None if model is None else str(model), **kwargs)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def model_path(self) -> str:

@@ -56,10 +56,12 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer: Any | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self, config: EngineConfig, tokenizer: Any | None = None, device: str = "cpu", runner: ModelRunner | None = None
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(config, device)
+        self.runner = runner if runner is not None else ModelRunner(config, device)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, Request] = {}  # every unfinished request (children for n > 1)
@@ -84,8 +86,14 @@ class LLMEngine:
         quantization: str | None = None,
         device: str = "cpu",
         load_tokenizer_: bool = True,
+        expert_parallel_size: int = 1,
     ) -> "LLMEngine":
-        """Build from vLLM-style arguments; `model=None` serves the default model."""
+        """Build from vLLM-style arguments; `model=None` serves the default model.
+
+        `expert_parallel_size=N > 1` (MoE models) shards the routed experts over N processes:
+        this one and N-1 children; call `close()` to stop them."""
+        if expert_parallel_size < 1:
+            raise ValueError(f"expert_parallel_size must be >= 1, got {expert_parallel_size}")
         path = resolve_model_path(model)
         hf = load_config(path)
         mc = ModelConfig.from_hf_config(str(path), hf, dtype, quantization)
@@ -96,8 +104,25 @@ class LLMEngine:
             cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
         )
-        tokenizer = load_tokenizer(path) if load_tokenizer_ and _has_tokenizer(path) else None
-        return cls(config, tokenizer, device)
+        runner = None
+        if expert_parallel_size > 1:
+            from engine.parallel.runner import EPLeaderRunner
+            from engine.parallel.settings import config_to_json
+
+            runner = EPLeaderRunner(config, device, expert_parallel_size, config_to_json(config))
+        try:
+            tokenizer = load_tokenizer(path) if load_tokenizer_ and _has_tokenizer(path) else None
+            return cls(config, tokenizer, device, runner)
+        except BaseException:
+            if runner is not None:
+                runner.close()
+            raise
+
+    def close(self) -> None:
+        """Release processes the engine started (the ranks of an expert-parallel group)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     # ----- requests in -----
     @property

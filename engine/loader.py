@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -131,10 +131,11 @@ def load_config(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def iter_weights(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(path: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor in the folder's ``*.safetensors`` files.
 
-    Tied weights (e.g. ``lm_head.weight`` when ``tie_word_embeddings``) may be absent.
+    Tied weights (e.g. ``lm_head.weight`` when ``tie_word_embeddings``) may be absent. Names that
+    `keep` rejects are skipped unread (an expert-parallel rank reads only its own experts).
     """
     from safetensors import safe_open
 
@@ -144,7 +145,8 @@ def iter_weights(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if keep is None or keep(name):
+                    yield name, f.get_tensor(name)
 
 
 def load_tokenizer(path: str | os.PathLike):

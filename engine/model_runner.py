@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 
@@ -21,7 +22,15 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        device: str | torch.device = "cpu",
+        shard: Callable[[torch.nn.Module], None] | None = None,
+        keep_weight: Callable[[str], bool] | None = None,
+    ) -> None:
+        """`shard` rewrites the meta-device model before loading and `keep_weight` filters checkpoint
+        names: both for expert parallelism, where a rank holds only its own experts."""
         self.config = config
         self.device = torch.device(device)
         mc = config.model
@@ -29,9 +38,11 @@ class ModelRunner:
         t0 = time.monotonic()
         with torch.device("meta"):
             model = build_model(mc.architecture, mc.hf_config)
+            if shard is not None:
+                shard(model)
         model = model.to_empty(device=self.device)
         model.rope.reset()
-        model.load_weights(iter_weights(mc.path), mc.dtype)
+        model.load_weights(iter_weights(mc.path, keep_weight), mc.dtype)
         model.rope.cos, model.rope.sin = model.rope.cos.to(self.device), model.rope.sin.to(self.device)
         if mc.quantization:
             from engine.layers.quantize_model import quantize_model

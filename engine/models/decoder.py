@@ -182,8 +182,10 @@ class DecoderForCausalLM(torch.nn.Module):
                     put(moe.gate.e_score_correction_bias, bias.reshape(-1), keep_fp32=True)
                 n = moe.experts.num_experts
                 e = p + ".mlp.experts"
-                put(moe.experts.gate_up, torch.stack([torch.cat([take(f"{e}.{j}.gate_proj.weight"), take(f"{e}.{j}.up_proj.weight")]) for j in range(n)]))
-                put(moe.experts.down, torch.stack([take(f"{e}.{j}.down_proj.weight") for j in range(n)]))
+                # An expert-parallel rank holds only its own experts (EPExperts.expert_ids).
+                ids = getattr(moe.experts, "expert_ids", range(n))
+                put(moe.experts.gate_up, torch.stack([torch.cat([take(f"{e}.{j}.gate_proj.weight"), take(f"{e}.{j}.up_proj.weight")]) for j in ids]))
+                put(moe.experts.down, torch.stack([take(f"{e}.{j}.down_proj.weight") for j in ids]))
                 if moe.shared_experts is not None:
                     load_mlp(moe.shared_experts, p + ".mlp.shared_experts")
             else:

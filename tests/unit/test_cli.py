@@ -33,3 +33,10 @@ def test_convert_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["convert", "--gguf", str(missing)]) != 0
     err = capsys.readouterr().err
     assert "GGUF file not found" in err and "missing.gguf" in err
+
+
+def test_generate_rejects_expert_parallelism_on_a_dense_model(capsys):
+    from cluster.cli import main
+
+    assert main(["generate", "--expert-parallel-size", "2", "--max-tokens", "1"]) == 2
+    assert "mixture-of-experts" in capsys.readouterr().err

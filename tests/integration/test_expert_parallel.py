@@ -1,0 +1,128 @@
+"""Expert parallelism on the tiny ERNIE-4.5 MoE (8 experts, top-2, one shared expert, float32):
+an EP=2 group (this process + one child) gives the tokens of EP=1 and of transformers, records
+per-expert counts, and fails fast and cleanly when a rank dies."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from engine import LLM, LLMEngine, SamplingParams
+from engine.parallel.group import EPGroupError
+from tests.conftest import run_to_completion
+from tests.unit.test_fidelity import GREEDY, prompts_for, reference
+
+KW = dict(dtype="float32", num_kv_blocks=256, max_model_len=512)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def moe(tiny_checkpoint):
+    return tiny_checkpoint("ernie45_moe")
+
+
+def test_ep2_greedy_matches_ep1_and_transformers(moe):
+    ref = reference(moe, "ernie45_moe")
+    single = LLMEngine.from_args(str(moe), **KW)
+    assert run_to_completion(single, prompts_for(256), GREEDY) == ref
+    # Tiny chunks and blocks: chunked prefills, mixed prefill+decode steps, padded decode tables.
+    for extra in ({}, dict(enable_prefix_caching=False, max_num_batched_tokens=7, block_size=4)):
+        engine = LLMEngine.from_args(str(moe), expert_parallel_size=2, **KW, **extra)
+        pids = engine.runner.group.pids
+        try:
+            assert engine.runner.model.layers[1].mlp.experts.gate_up.shape[0] == 4  # half the experts
+            assert run_to_completion(engine, prompts_for(256), GREEDY) == ref
+            assert not engine.leaks()
+        finally:
+            engine.close()
+        assert all(_gone(p) for p in pids)
+    # Teacher-forced logits (score) go through the group too.
+    engine = LLMEngine.from_args(str(moe), expert_parallel_size=2, **KW)
+    try:
+        tokens = prompts_for(256)[1]
+        torch.testing.assert_close(engine.score(tokens), single.score(tokens), rtol=1e-5, atol=1e-5)
+    finally:
+        engine.close()
+
+
+def test_expert_counts_per_step(moe):
+    prompts = prompts_for(256)
+    single = LLMEngine.from_args(str(moe), **KW)
+    with LLM(moe, expert_parallel_size=2, **KW) as llm:
+        engine = llm.engine
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, GREEDY)
+            single.add_request(f"r{i}", p, GREEDY)
+        engine.step()  # one step prefills every prompt
+        single.step()
+        counts = engine.runner.expert_counts()
+        assert len(counts) == 2  # layers 1 and 2 are MoE
+        ref = [layer.mlp.experts.last_expert_counts for layer in single.runner.model.layers if hasattr(layer.mlp, "gate")]
+        for c, r in zip(counts, ref):
+            assert int(c.sum()) == sum(len(p) for p in prompts) * 2  # tokens x top_k
+            assert c.tolist() == r.tolist()  # routing is replicated, so counts are global
+        engine.step()  # one decode token per request
+        assert [int(c.sum()) for c in engine.runner.expert_counts()] == [len(prompts) * 2] * 2
+        totals = engine.runner.expert_counts(total=True)
+        assert [int(c.sum()) for c in totals] == [(sum(map(len, prompts)) + len(prompts)) * 2] * 2
+        for i in range(len(prompts)):
+            engine.abort(f"r{i}")
+
+
+def test_killed_rank_fails_fast_and_leaves_no_process(moe):
+    engine = LLMEngine.from_args(str(moe), expert_parallel_size=2, **KW)
+    (pid,) = engine.runner.group.pids
+    try:
+        for i, p in enumerate(prompts_for(256)):
+            engine.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+        engine.step()
+        engine.step()
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(EPGroupError, match="rank 1"):
+            for _ in range(1000):
+                engine.step()
+        assert time.monotonic() - t0 < 60
+        assert _gone(pid)
+        with pytest.raises(EPGroupError):  # the group stays failed
+            engine.step()
+    finally:
+        engine.close()
+    assert _gone(pid)
+
+
+def test_killed_rank_during_generate(moe):
+    import threading
+
+    llm = LLM(moe, expert_parallel_size=2, **KW)
+    (pid,) = llm.engine.runner.group.pids
+    killer = threading.Timer(1.0, os.kill, (pid, signal.SIGKILL))
+    killer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(EPGroupError):
+            llm.generate(prompts_for(256), SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+    finally:
+        killer.cancel()
+        llm.close()
+    assert time.monotonic() - t0 < 60
+    assert _gone(pid)
+
+
+def test_bad_sizes(moe, tiny_checkpoint):
+    with pytest.raises(ValueError, match="evenly"):
+        LLMEngine.from_args(str(moe), expert_parallel_size=3, **KW)
+    with pytest.raises(ValueError):
+        LLMEngine.from_args(str(moe), expert_parallel_size=0, **KW)
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        LLMEngine.from_args(str(tiny_checkpoint("ernie45")), expert_parallel_size=2, **KW)
