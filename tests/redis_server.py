@@ -9,12 +9,16 @@ import logging
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
 
 import redis
+
+from cluster.state.embedded import _die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +83,11 @@ class RedisServer:
         log = Path(self._dir) / "redis.log"
         cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                "--dir", self._dir, "--daemonize", "no", "--logfile", str(log)]
+        # If the test process dies hard (a crash skips fixture teardown), the kernel stops Redis too.
+        in_main = threading.current_thread() is threading.main_thread()
+        pre = _die_with_parent if sys.platform == "linux" and in_main else None
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
+                                      stderr=subprocess.DEVNULL, preexec_fn=pre)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
