@@ -79,7 +79,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from cluster.config import ClusterConfig
     from cluster.launch import ServeSession
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

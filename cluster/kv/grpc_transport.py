@@ -10,14 +10,10 @@ from typing import Sequence
 
 import torch
 
+from cluster.rpc import MAX_MESSAGE_BYTES
 from pdserve.v1 import kv_pb2, kv_pb2_grpc
 
 CHUNK_BYTES = 1 << 20  # ~1 MiB messages stream at ~1 GB/s over loopback; one unary per chunk is 5x slower
-MAX_MESSAGE_BYTES = 64 << 20
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 def bytes_per_block(kv_caches: Sequence[torch.Tensor]) -> int:

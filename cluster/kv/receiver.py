@@ -17,10 +17,11 @@ import grpc
 import torch
 
 from cluster.kv.counters import KVCounters
-from cluster.kv.grpc_transport import GRPC_OPTIONS, pull_blocks
+from cluster.kv.grpc_transport import pull_blocks
 from cluster.kv.layout import KV_PROTOCOL_VERSION, KVLayout
 from cluster.kv.nixl_transport import NixlAgentWrapper, NixlReader, NixlSource, NixlTransferError
 from cluster.kv.service import check_kv_caches
+from cluster.rpc import GRPC_OPTIONS
 from pdserve.v1 import kv_pb2, kv_pb2_grpc
 
 logger = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ from cluster.metrics import RequestTracker
 from cluster.router.logprobs import chat_logprobs
 from cluster.router.openai import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                    ChatCompletionRequest, ChatCompletionResponse, DeltaMessage)
-from cluster.router.serving import (SSE_DONE, ChoiceState, ClientGone, RouterState, SSEResponse, chat_prompt,
-                                    check_model, choice_states, fan_out, log_failure, max_tokens_for, merged,
-                                    sampling_params, sse, sse_error, unless_disconnected, usage)
+from cluster.router.serving import (ChoiceState, ClientGone, Item, RouterState, SSEResponse, chat_prompt, check_model,
+                                    choice_states, fan_out, log_failure, max_tokens_for, merged, sampling_params,
+                                    sse_events, unless_disconnected, usage)
 from pdserve.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
@@ -87,31 +87,22 @@ def _response(state: RouterState, req: ChatCompletionRequest, head: dict, choice
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-async def _events(state: RouterState, req: ChatCompletionRequest, head: dict, choices: dict[int, ChoiceState],
-                  tracker: RequestTracker, first: tuple[int, worker_pb2.TokenChunk],
-                  stream: AsyncIterator[tuple[int, worker_pb2.TokenChunk]]) -> AsyncIterator[str]:
-    try:
-        for c in choices.values():
-            role = DeltaMessage(role="assistant", content="")
-            yield sse(ChatCompletionChunk(**head, choices=[ChatChunkChoice(index=c.index, delta=role, logprobs=None,
-                                                                           finish_reason=None)]))
-        item: tuple[int, worker_pb2.TokenChunk] | None = first
-        while item is not None:
-            index, chunk = item
-            tracker.on_chunk(index, chunk)
-            choice = _delta(state, req, choices[index], chunk)
-            if choice is not None:
-                yield sse(ChatCompletionChunk(**head, choices=[choice]))
-            item = await anext(stream, None)
-        if req.include_usage:
-            yield sse(ChatCompletionChunk(**head, choices=[], usage=usage(choices, [choices[0].prompt])))
-    except Exception as exc:  # noqa: BLE001 - mid-stream errors go to the client as an error event
-        log_failure(head["id"], exc)
-        yield sse_error(exc)
-    finally:
-        await stream.aclose()
-        tracker.close()
-    yield SSE_DONE
+def _events(state: RouterState, req: ChatCompletionRequest, head: dict, choices: dict[int, ChoiceState],
+            tracker: RequestTracker, first: Item, stream: AsyncIterator[Item]) -> AsyncIterator[str]:
+    roles = [ChatCompletionChunk(**head, choices=[ChatChunkChoice(index=c.index, logprobs=None, finish_reason=None,
+                                                                  delta=DeltaMessage(role="assistant", content=""))])
+             for c in choices.values()]
+
+    def render(index: int, chunk: worker_pb2.TokenChunk) -> ChatCompletionChunk | None:
+        choice = _delta(state, req, choices[index], chunk)
+        return None if choice is None else ChatCompletionChunk(**head, choices=[choice])
+
+    def final() -> ChatCompletionChunk | None:
+        if not req.include_usage:
+            return None
+        return ChatCompletionChunk(**head, choices=[], usage=usage(choices, [choices[0].prompt]))
+
+    return sse_events(head["id"], tracker, first, stream, render, final, preamble=roles)
 
 
 def _delta(state: RouterState, req: ChatCompletionRequest, c: ChoiceState,

@@ -12,10 +12,9 @@ from starlette.responses import Response
 from cluster.metrics import RequestTracker
 from cluster.router.logprobs import completion_logprobs
 from cluster.router.openai import CompletionChoice, CompletionRequest, CompletionResponse
-from cluster.router.serving import (SSE_DONE, ChoiceState, ClientGone, Prompt, RouterState, SSEResponse,
-                                    check_model, choice_states, completion_prompts, fan_out, log_failure,
-                                    max_tokens_for, merged, sampling_params, sse, sse_error, unless_disconnected,
-                                    usage)
+from cluster.router.serving import (ChoiceState, ClientGone, Item, Prompt, RouterState, SSEResponse, check_model,
+                                    choice_states, completion_prompts, fan_out, log_failure, max_tokens_for, merged,
+                                    sampling_params, sse_events, unless_disconnected, usage)
 from pdserve.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
@@ -84,27 +83,16 @@ async def _collect(state: RouterState, req: CompletionRequest, stream: AsyncIter
         c.logprobs.extend(chunk.logprobs)
 
 
-async def _events(state: RouterState, req: CompletionRequest, head: dict, choices: dict[int, ChoiceState],
-                  prompts: list[Prompt], tracker: RequestTracker, first: tuple[int, worker_pb2.TokenChunk],
-                  stream: AsyncIterator[tuple[int, worker_pb2.TokenChunk]]) -> AsyncIterator[str]:
-    try:
-        item: tuple[int, worker_pb2.TokenChunk] | None = first
-        while item is not None:
-            index, chunk = item
-            tracker.on_chunk(index, chunk)
-            choice = _delta(state, req, choices[index], chunk)
-            if choice is not None:
-                yield sse(CompletionResponse(**head, choices=[choice]))
-            item = await anext(stream, None)
-        if req.include_usage:
-            yield sse(CompletionResponse(**head, choices=[], usage=usage(choices, prompts)))
-    except Exception as exc:  # noqa: BLE001 - mid-stream errors go to the client as an error event
-        log_failure(head["id"], exc)
-        yield sse_error(exc)
-    finally:
-        await stream.aclose()
-        tracker.close()
-    yield SSE_DONE
+def _events(state: RouterState, req: CompletionRequest, head: dict, choices: dict[int, ChoiceState],
+            prompts: list[Prompt], tracker: RequestTracker, first: Item, stream: AsyncIterator[Item]) -> AsyncIterator[str]:
+    def render(index: int, chunk: worker_pb2.TokenChunk) -> CompletionResponse | None:
+        choice = _delta(state, req, choices[index], chunk)
+        return None if choice is None else CompletionResponse(**head, choices=[choice])
+
+    def final() -> CompletionResponse | None:
+        return CompletionResponse(**head, choices=[], usage=usage(choices, prompts)) if req.include_usage else None
+
+    return sse_events(head["id"], tracker, first, stream, render, final)
 
 
 def _delta(state: RouterState, req: CompletionRequest, c: ChoiceState,

@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 import grpc
 
 from cluster.router.policy import WorkerView
+from cluster.rpc import GRPC_OPTIONS
 from cluster.state.store import Store, WorkerInfo
 from pdserve.v1 import kv_pb2_grpc, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-
 
 @dataclass
 class WorkerConn:

@@ -11,7 +11,8 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Sequence as Sequence_  # `Sequence` below is a fanned-out sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from cluster.errors import InvalidRequestError, ModelNotFoundError, PdserveError, WorkerError
-from cluster.metrics import FINISH_NAMES, RouterMetrics
+from cluster.metrics import FINISH_NAMES, RequestTracker, RouterMetrics
 from cluster.router.backend import Backend, GenerationRequest
 from cluster.router.logprobs import TokenText
 from cluster.router.openai import ChatCompletionRequest, ChatMessage, UsageInfo, _SamplingRequest, error_body
@@ -310,6 +311,37 @@ def sse_error(exc: BaseException) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+Item = tuple[int, worker_pb2.TokenChunk]
+
+
+async def sse_events(request_id: str, tracker: RequestTracker, first: Item, stream: AsyncIterator[Item],
+                     render: Callable[[int, worker_pb2.TokenChunk], BaseModel | None],
+                     final: Callable[[], BaseModel | None], preamble: Sequence_[BaseModel] = ()) -> AsyncIterator[str]:
+    """The SSE body of chat and completions: the preamble, one event per rendered delta, the final
+    (usage) event if any, an error event if the backend fails mid-stream, then [DONE]. The backend
+    stream is closed whatever happens (a client that goes away aborts the request)."""
+    try:
+        for payload in preamble:
+            yield sse(payload)
+        item: Item | None = first
+        while item is not None:
+            index, chunk = item
+            tracker.on_chunk(index, chunk)
+            payload = render(index, chunk)
+            if payload is not None:
+                yield sse(payload)
+            item = await anext(stream, None)
+        payload = final()
+        if payload is not None:
+            yield sse(payload)
+    except Exception as exc:  # noqa: BLE001 - mid-stream errors go to the client as an error event
+        log_failure(request_id, exc)
+        yield sse_error(exc)
+    finally:
+        await stream.aclose()
+        tracker.close()
+    yield SSE_DONE
 
 
 class SSEResponse(StreamingResponse):

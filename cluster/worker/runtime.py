@@ -20,6 +20,7 @@ from cluster.kv.layout import KVLayout
 from cluster.kv.leases import LeaseTable
 from cluster.kv.receiver import KVLayoutMismatch, KVReceiver
 from cluster.kv.service import KVServicer
+from cluster.rpc import GRPC_OPTIONS
 from cluster.state.prefix import prefix_block_hashes
 from cluster.state.store import Store, WorkerInfo, WorkerLoad
 from cluster.worker.engine_loop import EngineLoop
@@ -29,9 +30,6 @@ from engine.llm_engine import LLMEngine
 from pdserve.v1 import kv_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-
 
 class WorkerRuntime:
     def __init__(self, spec: WorkerSpec) -> None:

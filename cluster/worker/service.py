@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -123,6 +124,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except BaseException:
             rt.loop.abort_nowait(rid)
             raise
+        started = False
         try:
             (first,) = await rt.loop.call(lambda e: e.finish_kv_import(rid))
             if first.finished:
@@ -130,17 +132,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 yield worker_pb2.TokenChunk(finish_reason=output_to_chunk(first, None).finish_reason,
                                             num_prompt_tokens=len(prompt))
                 return
+            started = True
             async for out in stream:
                 yield output_to_chunk(out, params.logprobs)
         finally:
-            await stream.aclose()
-            rt.loop.abort_nowait(rid)  # no-op after a normal finish; drops the stream if it never started
+            await stream.aclose()  # a started stream aborts itself if it did not finish
+            if not started:  # never iterated, so its own cleanup never ran: drop it from the loop
+                rt.loop.abort_nowait(rid)
 
     async def _recompute(self, rid: str, prompt: list[int], first_token: int,
                          params: SamplingParams) -> AsyncIterator[worker_pb2.TokenChunk]:
         # The client already has the first token: continue from prompt + first token.
-        from dataclasses import replace
-
         rest = replace(params, max_tokens=max(1, params.max_tokens - 1), min_tokens=max(0, params.min_tokens - 1))
         async for out in self.rt.loop.generate(rid, prompt + [first_token], rest):
             chunk = output_to_chunk(out, params.logprobs)

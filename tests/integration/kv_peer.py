@@ -28,11 +28,11 @@ import grpc
 import torch
 
 from cluster.kv.counters import KVCounters
-from cluster.kv.grpc_transport import GRPC_OPTIONS
 from cluster.kv.layout import KVLayout
 from cluster.kv.leases import LeaseTable
 from cluster.kv.nixl_transport import NixlAgentWrapper, NixlSource
 from cluster.kv.service import KVServicer
+from cluster.rpc import GRPC_OPTIONS
 from engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.v1 import kv_pb2, kv_pb2_grpc

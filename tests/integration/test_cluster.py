@@ -175,13 +175,11 @@ def test_lease_expires_when_no_decode_worker_pulls(clusters):
 
 def _decode_with_bogus_handle(session):
     """Ask the decode worker to pull KV that no prefill worker holds (a lease that is gone)."""
-    from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
+    from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
     (p,) = [w for w in session.workers if w["role"] == "prefill"]
     (d,) = [w for w in session.workers if w["role"] == "decode"]
     prompt = list(range(200, 240))
-    layout = worker_stats(session)  # noqa: F841 - warms the workers' stats path
-    import ray
 
     async def run():
         async with grpc.aio.insecure_channel(d["address"]) as ch, grpc.aio.insecure_channel(p["address"]) as pch:
@@ -196,7 +194,6 @@ def _decode_with_bogus_handle(session):
             chunks = [c async for c in worker_pb2_grpc.WorkerStub(ch).Decode(req, timeout=60)]
             return first, chunks
 
-    del ray
     return asyncio.run(run())
 
 
