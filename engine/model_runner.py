@@ -14,6 +14,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.layers.attention import AttentionMetadata, PrefillSegment
+from engine.layers.moe import expert_counts
 from engine.loader import iter_weights
 from engine.models.registry import build_model
 from engine.scheduler import SchedulerOutput
@@ -141,6 +142,10 @@ class ModelRunner:
         )
         hidden = self.model(torch.tensor(token_ids, device=self.device), pos, meta)
         return self.model.compute_logits(hidden).float().cpu()
+
+    def expert_counts(self, total: bool = False) -> list[torch.Tensor]:
+        """Per MoE layer, tokens routed to each expert in the last step (or since load); [] if dense."""
+        return expert_counts(self.model, total)
 
     # ----- KV export / import by block id -----
     def export_blocks(self, block_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:

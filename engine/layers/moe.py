@@ -41,14 +41,17 @@ class Experts(torch.nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up = torch.nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
         self.down = torch.nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size), requires_grad=False)
-        self.last_expert_counts = torch.zeros(num_experts, dtype=torch.int64)
+        # Explicitly on the CPU: the module is built under torch.device("meta").
+        self.last_expert_counts = torch.zeros(num_experts, dtype=torch.int64, device="cpu")
+        self.total_expert_counts = torch.zeros(num_experts, dtype=torch.int64, device="cpu")
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         T, k = ids.shape
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts)
-        self.last_expert_counts = counts
+        self.last_expert_counts = counts.cpu()
+        self.total_expert_counts += self.last_expert_counts
         token_of = order // k  # which token each sorted slot belongs to
         slot_weight = weights.reshape(-1)[order]
         out = torch.zeros_like(x)
@@ -97,3 +100,13 @@ class SparseMoE(torch.nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+
+def moe_layers(model: torch.nn.Module) -> list[SparseMoE]:
+    """The model's MoE blocks in layer order (empty for a dense model)."""
+    return [m for m in model.modules() if isinstance(m, SparseMoE)]
+
+
+def expert_counts(model: torch.nn.Module, total: bool = False) -> list[torch.Tensor]:
+    """Per MoE layer, tokens routed to each (global) expert in the last forward, or since load."""
+    return [m.experts.total_expert_counts if total else m.experts.last_expert_counts for m in moe_layers(model)]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers.linear import float32_copy, upcast_for
-from engine.layers.moe import SparseMoE
+from engine.layers.moe import moe_layers
 from engine.parallel.placement import ExpertPlacement
 
 AllReduce = Callable[[torch.Tensor], None]  # sums a tensor in place across the group
@@ -86,10 +86,6 @@ class EPExperts(torch.nn.Module):
         return out
 
 
-def moe_layers(model: torch.nn.Module) -> list[SparseMoE]:
-    return [m for m in model.modules() if isinstance(m, SparseMoE)]
-
-
 def shard_experts(model: torch.nn.Module, placement: ExpertPlacement, rank: int, all_reduce: AllReduce) -> None:
     """Swap every MoE layer's experts for this rank's share (call on the meta-device model, before loading)."""
     layers = moe_layers(model)
@@ -114,7 +110,3 @@ def keep_weight(placement: ExpertPlacement, rank: int) -> Callable[[str], bool]:
 
     return keep
 
-
-def expert_counts(model: torch.nn.Module, total: bool = False) -> list[torch.Tensor]:
-    """Per MoE layer, tokens routed to each expert in the last forward (or since load)."""
-    return [m.experts.total_expert_counts if total else m.experts.last_expert_counts for m in moe_layers(model)]

@@ -15,7 +15,7 @@ import torch
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner
 from engine.parallel import plan
-from engine.parallel.expert import expert_counts, keep_weight, shard_experts
+from engine.parallel.expert import keep_weight, shard_experts
 from engine.parallel.group import EPGroup, EPGroupError
 from engine.parallel.placement import ExpertPlacement
 from engine.scheduler import SchedulerOutput
@@ -78,10 +78,6 @@ class EPLeaderRunner(ModelRunner):
 
     def prompt_logits(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
         return self._guarded(super().prompt_logits, token_ids, block_ids)
-
-    def expert_counts(self, total: bool = False) -> list[torch.Tensor]:
-        """Per MoE layer, tokens routed to each (global) expert in the last step, or since load."""
-        return expert_counts(self.model, total)
 
     def close(self) -> None:
         self.group.close()
