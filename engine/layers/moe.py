@@ -32,6 +32,19 @@ class TopKRouter(torch.nn.Module):
         return weights.to(x.dtype), ids
 
 
+def expert_ffn(experts: torch.nn.Module, slot: int, x: torch.Tensor) -> torch.Tensor:
+    """One routed expert's SwiGLU on rows `x`: `experts` holds stacked gate_up [n, 2I, H] and
+    down [n, H, I] weights (all experts, or an expert-parallel rank's share) and `slot` picks one."""
+    w1, w2 = experts.gate_up[slot], experts.down[slot]
+    if upcast_for(x, w1):
+        w1 = float32_copy(experts, "_gate_up_fp32", experts.gate_up)[slot]
+        w2 = float32_copy(experts, "_down_fp32", experts.down)[slot]
+        gate, up = F.linear(x.float(), w1).split(experts.intermediate_size, dim=-1)
+        return F.linear(F.silu(gate) * up, w2).to(x.dtype)
+    gate, up = F.linear(x, w1).split(experts.intermediate_size, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
 class Experts(torch.nn.Module):
     """The routed experts' weights stacked: gate_up [E, 2I, H], down [E, H, I]."""
 
@@ -60,16 +73,7 @@ class Experts(torch.nn.Module):
             if n == 0:
                 continue
             rows = token_of[start : start + n]
-            xe = x[rows]
-            w1, w2 = self.gate_up[e], self.down[e]
-            if upcast_for(xe, w1):
-                w1 = float32_copy(self, "_gate_up_fp32", self.gate_up)[e]
-                w2 = float32_copy(self, "_down_fp32", self.down)[e]
-                gate, up = F.linear(xe.float(), w1).split(self.intermediate_size, dim=-1)
-                y = F.linear(F.silu(gate) * up, w2).to(x.dtype)
-            else:
-                gate, up = F.linear(xe, w1).split(self.intermediate_size, dim=-1)
-                y = F.linear(F.silu(gate) * up, w2)
+            y = expert_ffn(self, e, x[rows])
             y = y * slot_weight[start : start + n, None]
             out.index_add_(0, rows, y)
             start += n

@@ -1,112 +1,222 @@
-"""The expert-parallel MoE forward for one rank, and the helpers that shard a model's experts.
+"""The expert-parallel MoE layer for one rank, and the helpers that shard and re-place experts.
 
-Every rank runs the whole batch through replicated attention, so every rank already holds every
-token's hidden state and the (replicated, deterministic) routing. The all-to-all dispatch of the
-design is then a no-op: each rank computes its own experts' contributions for the tokens routed
-to them, and the combine is a sum over ranks (all_reduce). This is the same math as one rank up
-to the order in which the per-expert contributions are summed.
+Attention runs replicated over the whole batch (one scheduler on rank 0), so every rank holds
+every token's hidden state. Each MoE layer then splits the batch: rank r takes a contiguous
+share of the tokens, routes them and runs the shared experts on them, dispatches each (token,
+expert) pair to a rank holding that expert (all-to-all), computes the experts it received,
+returns the results (all-to-all), combines them with the router weights, and the shares are
+all-gathered back into the whole batch for the next (replicated) layer.
+
+The combine adds a token's expert outputs in ascending expert order, as the single-rank
+`Experts` does, so EP=N computes the same sums as EP=1.
 """
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Iterable, Protocol
 
 import torch
-import torch.nn.functional as F
 
-from engine.layers.linear import float32_copy, upcast_for
-from engine.layers.moe import moe_layers
+from engine.layers.moe import SparseMoE, expert_ffn
 from engine.parallel.placement import ExpertPlacement
 
-AllReduce = Callable[[torch.Tensor], None]  # sums a tensor in place across the group
+_EXPERT_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
-_EXPERT_WEIGHT = re.compile(r"(?:^|\.)layers\.\d+\.mlp\.experts\.(\d+)\.")
+
+class Collectives(Protocol):
+    """The group operations an EP layer needs (gloo on CPU)."""
+
+    rank: int
+    size: int
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `t` (same shape everywhere), in rank order."""
+        ...
+
+    def all_to_all(self, t: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+        """Rows of `t` split by `send_splits` go to ranks 0..N-1; returns the rows received, by source rank."""
+        ...
+
+
+def token_share(num_tokens: int, size: int, rank: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous [start, end) share of a batch of `num_tokens`."""
+    base, extra = divmod(num_tokens, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 class EPExperts(torch.nn.Module):
-    """This rank's routed experts: gate_up [E_local, 2I, H], down [E_local, H, I], in `expert_ids` order."""
+    """This rank's routed experts (gate_up [n, 2I, H], down [n, H, I], in `expert_ids` order) and
+    the dispatch/combine of a token share over the group."""
 
-    def __init__(self, expert_ids: tuple[int, ...], num_experts: int, hidden_size: int, intermediate_size: int,
-                 all_reduce: AllReduce) -> None:
+    def __init__(self, placement: ExpertPlacement, comm: Collectives, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.num_experts = num_experts  # global: router ids index the whole set
-        self.expert_ids = expert_ids  # the decoder's load_weights reads only these
+        self.placement = placement
+        self.comm = comm
+        self.num_experts = placement.num_experts  # global: router ids index the whole set
+        self.expert_ids = placement.local_experts(comm.rank)  # the decoder's load_weights reads only these
         self.intermediate_size = intermediate_size
-        n = len(expert_ids)
+        n = len(self.expert_ids)
         self.gate_up = torch.nn.Parameter(torch.zeros(n, 2 * intermediate_size, hidden_size), requires_grad=False)
         self.down = torch.nn.Parameter(torch.zeros(n, hidden_size, intermediate_size), requires_grad=False)
-        self.all_reduce = all_reduce
-        slot = [-1] * num_experts
-        for i, e in enumerate(expert_ids):
-            slot[e] = i
-        self._slot_of = tuple(slot)
-        self._slot_cache: dict[torch.device, torch.Tensor] = {}
-        # Routing is replicated, so these global counts are the same on every rank.
-        # Explicitly on the CPU: the module is built under torch.device("meta").
-        self.last_expert_counts = torch.zeros(num_experts, dtype=torch.int64, device="cpu")
-        self.total_expert_counts = torch.zeros(num_experts, dtype=torch.int64, device="cpu")
+        E = placement.num_experts
+        holders = [placement.holders(e) for e in range(E)]
+        width = max(len(h) for h in holders)
+        # Dispatch tables (CPU, long): the ranks holding each expert, padded; replicas per expert;
+        # this rank's local slot per expert (-1: not held here).
+        self._holders = torch.tensor([list(h) + [h[0]] * (width - len(h)) for h in holders], dtype=torch.long, device="cpu")
+        self._num_holders = torch.tensor([len(h) for h in holders], dtype=torch.long, device="cpu")
+        self._local = torch.tensor([comm.rank in h for h in holders], dtype=torch.bool, device="cpu")
+        # Global counts (every rank learns the whole send matrix), explicitly on the CPU: the
+        # module may be built under torch.device("meta").
+        self.last_expert_counts = torch.zeros(E, dtype=torch.int64, device="cpu")
+        self.total_expert_counts = torch.zeros(E, dtype=torch.int64, device="cpu")
 
-    def _slots(self, device: torch.device) -> torch.Tensor:
-        if device not in self._slot_cache:
-            self._slot_cache[device] = torch.tensor(self._slot_of, dtype=torch.long, device=device)
-        return self._slot_cache[device]
+    def destinations(self, experts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The rank each (token, expert) pair goes to: this rank if it holds the expert, else one of
+        the expert's holders chosen by global token index (spreads a replicated expert's load)."""
+        pick = self._holders[experts, tokens % self._num_holders[experts]]
+        return torch.where(self._local[experts], self.comm.rank, pick)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        k = ids.shape[1]
-        flat = ids.reshape(-1)
-        counts = torch.bincount(flat, minlength=self.num_experts).cpu()
-        self.last_expert_counts = counts
-        self.total_expert_counts += counts
-        slots = self._slots(flat.device)[flat]
-        # Sorting by slot groups each local expert's (token, k) pairs in token order, as on one rank.
-        order = torch.argsort(slots, stable=True)
-        order = order[slots[order] >= 0]
-        token_of = order // k
-        slot_weight = weights.reshape(-1)[order]
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_token: int) -> torch.Tensor:
+        """Routed-expert output for this rank's token share `x` ([t, H], global index `first_token`)."""
+        comm, E, N = self.comm, self.num_experts, self.comm.size
+        t, k = ids.shape
+        pair_expert = ids.reshape(-1).cpu()
+        pair_token = torch.arange(t * k) // k
+        dest = self.destinations(pair_expert, pair_token + first_token)
+        key = dest * E + pair_expert
+        order = torch.argsort(key, stable=True)  # by destination, then expert, then token
+        send = torch.bincount(key, minlength=N * E).view(N, E)
+        matrix = torch.stack(comm.all_gather(send))  # [source, destination, expert]
+        self.last_expert_counts = matrix.sum(dim=(0, 1))
+        self.total_expert_counts += self.last_expert_counts
+        send_splits = send.sum(1).tolist()
+        recv_by_source = matrix[:, comm.rank]  # [source, expert]
+        recv_splits = recv_by_source.sum(1).tolist()
+        dev = x.device
+        received = comm.all_to_all(x[pair_token[order].to(dev)], send_splits, recv_splits)
+        # Each source sent its rows grouped by expert, ascending.
+        recv_expert = torch.repeat_interleave(torch.arange(E).repeat(N), recv_by_source.reshape(-1))
+        results = comm.all_to_all(self._compute(received, recv_expert), recv_splits, send_splits)
+        contrib = results * weights.reshape(-1)[order.to(dev)][:, None]
+        # Combine in ascending expert order per token, as one rank does.
+        by_expert = torch.argsort(pair_expert[order], stable=True)
         out = torch.zeros_like(x)
+        out.index_add_(0, pair_token[order][by_expert].to(dev), contrib[by_expert.to(dev)])
+        return out
+
+    def _compute(self, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(rows)
+        order = torch.argsort(experts, stable=True).to(rows.device)
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
         start = 0
-        for i, e in enumerate(self.expert_ids):
-            n = int(counts[e])
+        slot_of = {e: i for i, e in enumerate(self.expert_ids)}
+        for e, n in enumerate(counts):
             if n == 0:
                 continue
-            rows = token_of[start : start + n]
-            xe = x[rows]
-            w1, w2 = self.gate_up[i], self.down[i]
-            if upcast_for(xe, w1):
-                w1 = float32_copy(self, "_gate_up_fp32", self.gate_up)[i]
-                w2 = float32_copy(self, "_down_fp32", self.down)[i]
-                gate, up = F.linear(xe.float(), w1).split(self.intermediate_size, dim=-1)
-                y = F.linear(F.silu(gate) * up, w2).to(x.dtype)
-            else:
-                gate, up = F.linear(xe, w1).split(self.intermediate_size, dim=-1)
-                y = F.linear(F.silu(gate) * up, w2)
-            out.index_add_(0, rows, y * slot_weight[start : start + n, None])
+            if e not in slot_of:
+                raise RuntimeError(f"rank {self.comm.rank} received tokens for expert {e}, which it does not hold")
+            idx = order[start : start + n]
+            out[idx] = expert_ffn(self, slot_of[e], rows[idx])
             start += n
-        self.all_reduce(out)
         return out
 
 
-def shard_experts(model: torch.nn.Module, placement: ExpertPlacement, rank: int, all_reduce: AllReduce) -> None:
-    """Swap every MoE layer's experts for this rank's share (call on the meta-device model, before loading)."""
-    layers = moe_layers(model)
-    if not layers:
+class EPMoE(SparseMoE):
+    """A SparseMoE whose routed experts are spread over the group; same parameter names."""
+
+    def __init__(self, moe: SparseMoE, experts: EPExperts, layer_index: int) -> None:
+        torch.nn.Module.__init__(self)
+        self.gate = moe.gate
+        self.experts = experts
+        self.shared_experts = moe.shared_experts
+        self.layer_index = layer_index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        comm = self.experts.comm
+        T = x.shape[0]
+        start, end = token_share(T, comm.size, comm.rank)
+        xs = x[start:end]
+        weights, ids = self.gate(xs)
+        out = self.experts(xs, weights, ids, start)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(xs)
+        # All-gather needs equal shapes: pad every share to the largest.
+        width = token_share(T, comm.size, 0)[1]
+        padded = torch.zeros(width, *out.shape[1:], dtype=out.dtype, device=out.device)
+        padded[: end - start] = out
+        parts = comm.all_gather(padded)
+        return torch.cat([p[: b - a] for p, (a, b) in zip(parts, (token_share(T, comm.size, r) for r in range(comm.size)))])
+
+
+def ep_layers(model: torch.nn.Module) -> list[EPMoE]:
+    return [m for m in model.modules() if isinstance(m, EPMoE)]
+
+
+def moe_layer_indices(model: torch.nn.Module) -> list[int]:
+    """The decoder-layer indices whose MLP is a mixture of experts."""
+    return [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, SparseMoE)]
+
+
+def shard_experts(model: torch.nn.Module, placements: dict[int, ExpertPlacement], comm: Collectives) -> None:
+    """Swap every MoE layer for this rank's EP layer (call on the meta-device model, before loading)."""
+    indices = moe_layer_indices(model)
+    if not indices:
         raise ValueError("expert parallelism needs a mixture-of-experts model; this one has no MoE layers")
-    local = placement.local_experts(rank)
-    for moe in layers:
-        old = moe.experts
-        if old.num_experts != placement.num_experts:
-            raise ValueError(f"placement is for {placement.num_experts} experts, the model has {old.num_experts}")
-        hidden = old.gate_up.shape[-1]
-        moe.experts = EPExperts(local, old.num_experts, hidden, old.intermediate_size, all_reduce)
+    for i in indices:
+        moe = model.layers[i].mlp
+        placement = placements[i]
+        if moe.experts.num_experts != placement.num_experts:
+            raise ValueError(f"placement is for {placement.num_experts} experts, the model has {moe.experts.num_experts}")
+        hidden = moe.experts.gate_up.shape[-1]
+        model.layers[i].mlp = EPMoE(moe, EPExperts(placement, comm, hidden, moe.experts.intermediate_size), i)
 
 
-def keep_weight(placement: ExpertPlacement, rank: int) -> Callable[[str], bool]:
-    """A checkpoint-name filter: routed-expert tensors of other ranks are never read."""
-    local = set(placement.local_experts(rank))
+def keep_weight(placements: dict[int, ExpertPlacement], rank: int) -> Callable[[str], bool]:
+    """A checkpoint-name filter: routed-expert tensors this rank does not hold are never read."""
+    local = {i: set(p.local_experts(rank)) for i, p in placements.items()}
 
     def keep(name: str) -> bool:
         m = _EXPERT_WEIGHT.search(name)
-        return m is None or int(m.group(1)) in local
+        return m is None or int(m.group(2)) in local.get(int(m.group(1)), ())
 
     return keep
 
+
+def replace_experts(model: torch.nn.Module, placements: dict[int, ExpertPlacement],
+                    read: Callable[[Callable[[str], bool]], Iterable[tuple[str, torch.Tensor]]]) -> None:
+    """Move every EP layer to a new placement between steps: experts this rank keeps are reused,
+    the ones it gains are read from the checkpoint (`read(keep)` yields named tensors)."""
+    plan: dict[int, tuple[EPMoE, EPExperts, dict[int, int]]] = {}
+    for moe in ep_layers(model):
+        old = moe.experts
+        new = EPExperts(placements[moe.layer_index], old.comm, old.gate_up.shape[-1], old.intermediate_size)
+        kept = {e: i for i, e in enumerate(old.expert_ids)}
+        plan[moe.layer_index] = (moe, new, kept)
+    need = {i: {e for e in new.expert_ids if e not in kept} for i, (_, new, kept) in plan.items()}
+
+    def keep(name: str) -> bool:
+        m = _EXPERT_WEIGHT.search(name)
+        return m is not None and int(m.group(2)) in need.get(int(m.group(1)), ())
+
+    loaded = {name.removeprefix("model."): t for name, t in read(keep)}
+    for i, (moe, new, kept) in plan.items():
+        old = moe.experts
+        gate_up, down = [], []
+        for e in new.expert_ids:
+            if e in kept:
+                gate_up.append(old.gate_up[kept[e]])
+                down.append(old.down[kept[e]])
+            else:
+                p = f"layers.{i}.mlp.experts.{e}."
+                try:
+                    gate_up.append(torch.cat([loaded[p + "gate_proj.weight"], loaded[p + "up_proj.weight"]]))
+                    down.append(loaded[p + "down_proj.weight"])
+                except KeyError as err:
+                    raise ValueError(f"checkpoint is missing weight {err.args[0]!r}") from None
+        dtype, device = old.gate_up.dtype, old.gate_up.device
+        new.gate_up.data = torch.stack(gate_up).to(device=device, dtype=dtype)
+        new.down.data = torch.stack(down).to(device=device, dtype=dtype)
+        new.total_expert_counts = old.total_expert_counts
+        moe.experts = new

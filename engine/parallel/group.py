@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import weakref
 from datetime import timedelta
 from typing import Any
@@ -27,6 +28,33 @@ STOP_GRACE_S = 5.0
 
 class EPGroupError(RuntimeError):
     """A rank of the expert-parallel group died or stopped answering; the group is closed."""
+
+
+class GlooCollectives:
+    """The all-gather and all-to-all an EP layer needs, over one gloo group; keeps the time spent
+    in them (communication plus waiting for the slowest rank) for the benchmarks."""
+
+    def __init__(self, pg: dist.ProcessGroup, rank: int, size: int) -> None:
+        self.pg, self.rank, self.size = pg, rank, size
+        self.seconds = 0.0
+        self.calls = 0
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        t = t.contiguous()
+        out = [torch.empty_like(t) for _ in range(self.size)]
+        self.pg.allgather([out], [t]).wait()
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def all_to_all(self, t: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = torch.empty(sum(recv_splits), *t.shape[1:], dtype=t.dtype, device=t.device)
+        self.pg.alltoall_base(out, t.contiguous(), recv_splits, send_splits).wait()
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
 
 
 def _terminate(procs: list[subprocess.Popen]) -> None:
@@ -68,7 +96,7 @@ class EPGroup:
         logger.info("EP group: started ranks 1..%d (pids %s) on port %d", size - 1,
                     [p.pid for p in self.procs], self._store.port)
         try:
-            self.pg = dist.ProcessGroupGloo(self._store, 0, size, timeout)
+            self.comm = GlooCollectives(dist.ProcessGroupGloo(self._store, 0, size, timeout), 0, size)
         except Exception as e:
             self.fail(e)
 
@@ -80,9 +108,6 @@ class EPGroup:
         for rank, p in enumerate(self.procs, start=1):
             if p.poll() is not None:
                 self.fail(None, f"expert-parallel rank {rank} (pid {p.pid}) exited with code {p.returncode}")
-
-    def all_reduce(self, t: torch.Tensor) -> None:
-        self.pg.allreduce([t]).wait()
 
     def send(self, command: dict[str, Any]) -> None:
         """One JSON line to every other rank (they act on it in the same order)."""
@@ -128,8 +153,8 @@ class EPGroup:
         self._finalizer()
 
 
-def join_group(rank: int, size: int, port: int, timeout_s: float) -> tuple[dist.ProcessGroupGloo, dist.TCPStore]:
+def join_group(rank: int, size: int, port: int, timeout_s: float) -> tuple[GlooCollectives, dist.TCPStore]:
     """A child rank's side of the group (keep the store alive as long as the group)."""
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore("127.0.0.1", port, size, False, timeout=timeout)
-    return dist.ProcessGroupGloo(store, rank, size, timeout), store
+    return GlooCollectives(dist.ProcessGroupGloo(store, rank, size, timeout), rank, size), store

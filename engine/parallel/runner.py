@@ -13,11 +13,13 @@ from typing import Any, Callable
 import torch
 
 from engine.config import EngineConfig
+from engine.loader import iter_weights
 from engine.model_runner import ModelRunner
+from engine.models.registry import build_model
 from engine.parallel import plan
-from engine.parallel.expert import keep_weight, shard_experts
+from engine.parallel.expert import Collectives, keep_weight, moe_layer_indices, replace_experts, shard_experts
 from engine.parallel.group import EPGroup, EPGroupError
-from engine.parallel.placement import ExpertPlacement
+from engine.parallel.placement import ExpertPlacement, balanced
 from engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -27,8 +29,8 @@ logger = logging.getLogger(__name__)
 _GROUP_ERRORS = (RuntimeError, OSError)
 
 
-def placement_for(config: EngineConfig, size: int) -> ExpertPlacement:
-    """The contiguous placement for this model, or ValueError for a dense model / bad size."""
+def initial_placements(config: EngineConfig, size: int, redundant: int = 0) -> dict[int, ExpertPlacement]:
+    """Contiguous placement for every MoE layer, or ValueError for a dense model / bad size."""
     if size < 1:
         raise ValueError(f"expert_parallel_size must be >= 1, got {size}")
     hf = config.model.hf_config
@@ -36,34 +38,57 @@ def placement_for(config: EngineConfig, size: int) -> ExpertPlacement:
     if not num_experts:
         raise ValueError(f"expert_parallel_size={size} needs a mixture-of-experts model; "
                          f"{config.model.architecture} is dense")
-    return ExpertPlacement.contiguous(int(num_experts), size)
+    placement = ExpertPlacement.contiguous(int(num_experts), size, redundant)
+    with torch.device("meta"):
+        layers = moe_layer_indices(build_model(config.model.architecture, hf))
+    return {i: placement for i in layers}
+
+
+def placements_to_json(placements: dict[int, ExpertPlacement]) -> dict[str, list[list[int]]]:
+    return {str(i): p.to_json() for i, p in placements.items()}
+
+
+def placements_from_json(data: dict[str, Any], num_experts: int) -> dict[int, ExpertPlacement]:
+    return {int(i): ExpertPlacement.from_json(num_experts, x) for i, x in data.items()}
+
+
+def _read_checkpoint(config: EngineConfig) -> Callable[[Callable[[str], bool]], Any]:
+    return lambda keep: iter_weights(config.model.path, keep)
 
 
 class EPLeaderRunner(ModelRunner):
-    """Rank 0's runner: its own share of the experts, plus the group that holds the rest."""
+    """Rank 0's runner: its own share of the experts, plus the group that holds the rest.
+
+    `num_redundant_experts` extra slots per rank hold replicas; `eplb_interval > 0` rebalances the
+    placement from the counts seen since the last rebalance every that many steps."""
 
     def __init__(self, config: EngineConfig, device: str, size: int, worker_config: dict[str, Any],
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, num_redundant_experts: int = 0, eplb_interval: int = 0) -> None:
         if torch.device(device).type != "cpu":
             raise ValueError("expert parallelism runs on CPU (gloo) in this version")
-        self.placement = placement_for(config, size)
-        self.group = EPGroup(size, worker_config, timeout_s)
+        if eplb_interval < 0:
+            raise ValueError(f"eplb_interval must be >= 0, got {eplb_interval}")
+        self.placements = initial_placements(config, size, num_redundant_experts)
+        self.eplb_interval = eplb_interval
+        self._steps = 0
+        self.group = EPGroup(size, {**worker_config, "num_redundant_experts": num_redundant_experts}, timeout_s)
         try:
             super().__init__(
                 config, device,
-                shard=lambda m: shard_experts(m, self.placement, 0, self.group.all_reduce),
-                keep_weight=keep_weight(self.placement, 0),
+                shard=lambda m: shard_experts(m, self.placements, self.group.comm),
+                keep_weight=keep_weight(self.placements, 0),
             )
             self.model.register_forward_pre_hook(self._send_plan)
         except BaseException:
             self.group.close(graceful=False)
             raise
+        self._window_start = [c.clone() for c in self.expert_counts(total=True)]
 
     def _send_plan(self, module: torch.nn.Module, args: tuple) -> None:
         ids, positions, meta = args
         self.group.send({"op": "forward", **plan.encode(ids, positions, meta)})
 
-    def _guarded(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
         # Any failure inside a forward leaves the ranks at different points: the group is done.
         try:
             return fn(*args)
@@ -74,32 +99,63 @@ class EPLeaderRunner(ModelRunner):
             raise  # unreachable: fail() raises
 
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        return self._guarded(super().execute, out)
+        logits = self._guarded(super().execute, out)
+        self._steps += 1
+        if self.eplb_interval and self._steps % self.eplb_interval == 0:
+            self.rebalance()
+        return logits
 
     def prompt_logits(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
         return self._guarded(super().prompt_logits, token_ids, block_ids)
+
+    def window_counts(self) -> dict[int, list[int]]:
+        """Per MoE layer, tokens routed to each expert since the last rebalance."""
+        totals = self.expert_counts(total=True)
+        return {i: (t - s).tolist() for i, t, s in zip(self.placements, totals, self._window_start)}
+
+    def rebalance(self, placements: dict[int, ExpertPlacement] | None = None) -> dict[int, ExpertPlacement]:
+        """Re-place experts (replicas to the hottest) from the counts since the last rebalance, or
+        to `placements`, on every rank, between steps. Outputs do not change; load balance does."""
+        if placements is None:
+            counts = self.window_counts()
+            placements = {i: balanced(counts[i], p.ep_size, p.slots_per_rank) for i, p in self.placements.items()}
+        if set(placements) != set(self.placements):
+            raise ValueError(f"placements must cover MoE layers {sorted(self.placements)}")
+        for i, p in placements.items():
+            if p.ep_size != self.group.size or p.num_experts != self.placements[i].num_experts:
+                raise ValueError(f"layer {i}: placement is for {p.num_experts} experts over {p.ep_size} ranks")
+        self.group.send({"op": "place", "layers": placements_to_json(placements)})
+        self._guarded(replace_experts, self.model, placements, _read_checkpoint(self.config))
+        self.placements = dict(placements)
+        self._window_start = [c.clone() for c in self.expert_counts(total=True)]
+        logger.info("EP placement rebalanced: %s", {i: p.to_json() for i, p in placements.items()})
+        return self.placements
 
     def close(self) -> None:
         self.group.close()
 
 
-def run_follower(config: EngineConfig, rank: int, size: int, all_reduce: Callable[[torch.Tensor], None],
+def run_follower(config: EngineConfig, comm: Collectives, num_redundant_experts: int,
                  read_command: Callable[[], dict[str, Any] | None]) -> None:
-    """A child rank's loop: build its share of the model, run each forward rank 0 sends, until stop."""
-    placement = placement_for(config, size)
+    """A child rank's loop: build its share of the model, run each forward rank 0 sends, re-place
+    experts when told, until stop."""
+    placements = initial_placements(config, comm.size, num_redundant_experts)
+    num_experts = next(iter(placements.values())).num_experts
     runner = ModelRunner(
         config, "cpu",
-        shard=lambda m: shard_experts(m, placement, rank, all_reduce),
-        keep_weight=keep_weight(placement, rank),
+        shard=lambda m: shard_experts(m, placements, comm),
+        keep_weight=keep_weight(placements, comm.rank),
     )
-    logger.info("EP rank %d/%d ready with experts %s", rank, size, placement.local_experts(rank))
+    logger.info("EP rank %d/%d ready", comm.rank, comm.size)
     with torch.inference_mode():
         while True:
             cmd = read_command()
             if cmd is None or cmd["op"] == "stop":
                 return
-            if cmd["op"] != "forward":
+            if cmd["op"] == "forward":
+                ids, positions, meta = plan.decode(cmd, runner.device)
+                runner.model(ids, positions, meta)
+            elif cmd["op"] == "place":
+                replace_experts(runner.model, placements_from_json(cmd["layers"], num_experts), _read_checkpoint(config))
+            else:
                 raise ValueError(f"unknown EP command {cmd['op']!r}")
-            ids, positions, meta = plan.decode(cmd, runner.device)
-            runner.model(ids, positions, meta)
-

@@ -27,8 +27,8 @@ def main(argv: list[str]) -> int:
 
     cfg = json.loads(argv[0])
     rank, size = int(cfg["rank"]), int(cfg["size"])
-    pg, store = join_group(rank, size, int(cfg["port"]), float(cfg["timeout_s"]))
-    run_follower(config_from_json(cfg), rank, size, lambda t: pg.allreduce([t]).wait(), _read_command)
+    comm, store = join_group(rank, size, int(cfg["port"]), float(cfg["timeout_s"]))
+    run_follower(config_from_json(cfg), comm, int(cfg.get("num_redundant_experts", 0)), _read_command)
     del store
     return 0
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine import LLM, LLMEngine, SamplingParams
+from engine.parallel import ExpertPlacement
 from engine.parallel.group import EPGroupError
 from tests.conftest import run_to_completion
 from tests.unit.test_fidelity import GREEDY, prompts_for, reference
@@ -77,6 +78,42 @@ def test_expert_counts_per_step(moe):
         assert [int(c.sum()) for c in totals] == [(sum(map(len, prompts)) + len(prompts)) * 2] * 2
         for i in range(len(prompts)):
             engine.abort(f"r{i}")
+
+
+def test_rebalance_with_replicas_keeps_tokens(moe):
+    """EPLB: replicas and re-placement between steps change where experts run, never the tokens."""
+    ref = reference(moe, "ernie45_moe")
+    prompts = prompts_for(256)
+    with LLM(moe, expert_parallel_size=2, num_redundant_experts=1, **KW) as llm:
+        runner = llm.engine.runner
+        start = dict(runner.placements)
+        assert runner.model.layers[1].mlp.experts.gate_up.shape[0] == 5  # 4 own + 1 replica
+        assert run_to_completion(llm.engine, prompts, GREEDY) == ref
+        window = runner.window_counts()
+        assert all(sum(c) > 0 for c in window.values())
+        moved = runner.rebalance()  # from the counts just observed
+        assert moved != start
+        for i, p in moved.items():
+            assert p.slots_per_rank == 5
+            hottest = max(range(8), key=lambda e: window[i][e])
+            assert len(p.holders(hottest)) == 2  # the hottest expert has a replica on each rank
+        assert all(sum(c) == 0 for c in runner.window_counts().values())
+        assert run_to_completion(llm.engine, prompts, GREEDY, prefix="again") == ref
+        # Any valid placement (here: every rank swaps to the other's block) gives the same tokens.
+        swapped = {i: ExpertPlacement(8, 2, ((0, 4, 5, 6, 7), (0, 1, 2, 3, 4))) for i in start}
+        runner.rebalance(swapped)
+        assert runner.model.layers[2].mlp.experts.expert_ids == (0, 4, 5, 6, 7)
+        assert run_to_completion(llm.engine, prompts, GREEDY, prefix="swapped") == ref
+        with pytest.raises(ValueError):
+            runner.rebalance({1: swapped[1]})  # must cover every MoE layer
+        assert not llm.engine.leaks()
+    # Rebalancing after every step, through chunked prefills and mixed steps.
+    with LLM(moe, expert_parallel_size=2, num_redundant_experts=2, eplb_interval=1,
+             enable_prefix_caching=False, max_num_batched_tokens=7, block_size=4, **KW) as llm:
+        assert run_to_completion(llm.engine, prompts, GREEDY) == ref
+        assert llm.engine.runner.placements != {i: ExpertPlacement.contiguous(8, 2, 2) for i in start}
+    with pytest.raises(ValueError, match="expert_parallel_size > 1"):
+        LLMEngine.from_args(str(moe), num_redundant_experts=1, **KW)
 
 
 def test_killed_rank_fails_fast_and_leaves_no_process(moe):
