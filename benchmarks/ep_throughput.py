@@ -1,9 +1,13 @@
-"""Expert parallelism on this machine: EP=1 vs EP=2 on a small random MoE, and the share of
-rank 0's step time spent in the expert all-reduce (communication plus waiting for the other rank).
+"""Expert parallelism on this machine: EP=1 vs EP=2 on a small random MoE, the share of rank 0's
+time spent in the EP collectives (all-to-all dispatch/combine and the all-gathers: communication
+plus waiting for the other rank), and the effect of rebalancing (EPLB) on a skewed routing.
 
 A random ERNIE-4.5-MoE checkpoint (16 experts, top-2, one shared expert, 4 layers, hidden 512),
 bf16, 8 random 64-token prompts, 32 output tokens each (ignore_eos), greedy; one process per rank,
-1 thread each; EP=1 also at 2 threads (the same cores as EP=2).
+1 thread each; EP=1 also at 2 threads (the same cores as EP=2). The skewed checkpoint is the
+same model with a routing correction bias that sends most tokens to experts 0-3, all of which
+the contiguous placement puts on rank 0; "rebalanced" runs one pass, rebalances from its counts
+(with 2 spare slots per rank for replicas, or none), then measures.
 
     .venv/bin/python benchmarks/ep_throughput.py
 """
@@ -21,21 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.parallel import group as ep_group  # noqa: E402
+from engine.parallel.placement import ExpertPlacement, imbalance  # noqa: E402
 
-REDUCE_S = [0.0]
-
-
-def _timed_all_reduce(original):
-    def timed(self, t: torch.Tensor) -> None:
-        t0 = time.perf_counter()
-        original(self, t)
-        REDUCE_S[0] += time.perf_counter() - t0
-
-    return timed
+HOT_BIAS = 0.04  # added to experts 0-3's routing scores in the skewed checkpoint
 
 
-def build_checkpoint(folder: Path) -> Path:
+def build_checkpoint(folder: Path, skewed: bool = False) -> Path:
     import transformers as tf
 
     cfg = tf.Ernie4_5_MoeConfig(
@@ -44,43 +39,78 @@ def build_checkpoint(folder: Path) -> Path:
         moe_num_shared_experts=1, moe_layer_start_index=0, eos_token_id=None, bos_token_id=None, pad_token_id=None,
     )
     torch.manual_seed(0)
-    tf.Ernie4_5_MoeForCausalLM(cfg).save_pretrained(folder)
+    model = tf.Ernie4_5_MoeForCausalLM(cfg)
+    if skewed:
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):
+                with torch.no_grad():
+                    t.zero_()
+                    t.view(-1)[:4] = HOT_BIAS
+    model.save_pretrained(folder)
     return folder
 
 
-def run(path: Path, ep: int, threads: int, prompts, params, repeats: int) -> tuple[float, float]:
+def run(path: Path, ep: int, threads: int, prompts, params, repeats: int, redundant: int = -1) -> dict:
+    """`redundant` >= 0: rebalance after a first pass, with that many spare slots per rank."""
     torch.set_num_threads(threads)
-    REDUCE_S[0] = 0.0
-    with LLM(str(path), dtype="bfloat16", num_kv_blocks=256, expert_parallel_size=ep) as llm:
-        llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    kw = {} if ep == 1 else {"expert_parallel_size": ep, "num_redundant_experts": max(redundant, 0)}
+    with LLM(str(path), dtype="bfloat16", num_kv_blocks=256, **kw) as llm:
+        runner = llm.engine.runner
+        llm.generate(prompts if redundant >= 0 else prompts[:2], params)  # warm-up (and the counts to balance on)
+        if ep > 1:
+            if redundant >= 0:
+                runner.rebalance()
+            comm = runner.group.comm
+            comm.seconds = 0.0
+        totals0 = [c.clone() for c in runner.expert_counts(total=True)]
         times = []
-        REDUCE_S[0] = 0.0
         for _ in range(repeats):
             t0 = time.perf_counter()
             llm.generate(prompts, params)
             times.append(time.perf_counter() - t0)
-    tokens = len(prompts) * params.max_tokens
-    return tokens / statistics.median(times), REDUCE_S[0] / sum(times)
+        counts = [(c - c0).tolist() for c, c0 in zip(runner.expert_counts(total=True), totals0)]
+        hot = sum(sum(c[:4]) for c in counts) / max(1, sum(sum(c) for c in counts))
+        result = {"tps": len(prompts) * params.max_tokens / statistics.median(times), "hot": hot}
+        if ep > 1:
+            result["comm"] = comm.seconds / sum(times)
+            # Expected max/mean rank load over the MoE layers for the counts just measured.
+            result["imbalance"] = statistics.mean(imbalance(p.rank_loads(c)) for p, c in zip(runner.placements.values(), counts))
+            contiguous = ExpertPlacement.contiguous(16, ep)
+            result["contiguous_imbalance"] = statistics.mean(imbalance(contiguous.rank_loads(c)) for c in counts)
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    ep_group.EPGroup.all_reduce = _timed_all_reduce(ep_group.EPGroup.all_reduce)
-    path = build_checkpoint(Path(tempfile.mkdtemp(prefix="ep-bench-")))
+    tmp = Path(tempfile.mkdtemp(prefix="ep-bench-"))
+    uniform = build_checkpoint(tmp / "uniform")
+    skewed = build_checkpoint(tmp / "skewed", skewed=True)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 4096, (64,), generator=g).tolist() for _ in range(8)]
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    rows = [("EP=1, 1 thread", 1, 1), ("EP=1, 2 threads", 1, 2), ("EP=2, 1 thread per rank", 2, 1)]
-    results = {name: run(path, ep, threads, prompts, params, args.repeats) for name, ep, threads in rows}
-    base = results["EP=1, 1 thread"][0]
+    rows = [
+        ("uniform", "EP=1, 1 thread", uniform, 1, 1, -1),
+        ("uniform", "EP=1, 2 threads", uniform, 1, 2, -1),
+        ("uniform", "EP=2, 1 thread per rank", uniform, 2, 1, -1),
+        ("skewed", "EP=1, 1 thread", skewed, 1, 1, -1),
+        ("skewed", "EP=2 contiguous", skewed, 2, 1, -1),
+        ("skewed", "EP=2 rebalanced, no replicas", skewed, 2, 1, 0),
+        ("skewed", "EP=2 rebalanced, 2 replica slots/rank", skewed, 2, 1, 2),
+    ]
+    results = {(routing, name): run(path, ep, threads, prompts, params, args.repeats, redundant)
+               for routing, name, path, ep, threads, redundant in rows}
     print(f"random ERNIE-4.5-MoE (16 experts, top-2, 4 layers, hidden 512), bf16, 8 x (64 in / 32 out), "
           f"median of {args.repeats}")
-    print("| setup | out tok/s | vs EP=1 1 thread | all-reduce share of rank 0 time |")
-    print("|---|---|---|---|")
-    for name, (tps, share) in results.items():
-        print(f"| {name} | {tps:.1f} | {tps / base:.2f}x | {share * 100:.0f}% |")
+    print("| routing | setup | out tok/s | vs EP=1 1 thread | EP collectives share of rank 0 time "
+          "| rank load max/mean | tokens to experts 0-3 |")
+    print("|---|---|---|---|---|---|---|")
+    for (routing, name), r in results.items():
+        base = results[(routing, "EP=1, 1 thread")]["tps"]
+        comm = f"{r['comm'] * 100:.0f}%" if "comm" in r else "-"
+        imb = f"{r['imbalance']:.2f} (contiguous {r['contiguous_imbalance']:.2f})" if "imbalance" in r else "-"
+        print(f"| {routing} | {name} | {r['tps']:.1f} | {r['tps'] / base:.2f}x | {comm} | {imb} | {r['hot'] * 100:.0f}% |")
 
 
 if __name__ == "__main__":
