@@ -18,7 +18,7 @@ from engine.model_runner import ModelRunner
 from engine.models.registry import build_model
 from engine.parallel import plan
 from engine.parallel.expert import Collectives, keep_weight, moe_layer_indices, replace_experts, shard_experts
-from engine.parallel.group import EPGroup, EPGroupError
+from engine.parallel.group import EPGroup, EPGroupError, Launcher
 from engine.parallel.placement import ExpertPlacement, balanced
 from engine.scheduler import SchedulerOutput
 
@@ -60,10 +60,12 @@ class EPLeaderRunner(ModelRunner):
     """Rank 0's runner: its own share of the experts, plus the group that holds the rest.
 
     `num_redundant_experts` extra slots per rank hold replicas; `eplb_interval > 0` rebalances the
-    placement from the counts seen since the last rebalance every that many steps."""
+    placement from the counts seen since the last rebalance every that many steps; `launcher`
+    starts ranks 1..N-1 (child processes by default, Ray actors in the cluster)."""
 
     def __init__(self, config: EngineConfig, device: str, size: int, worker_config: dict[str, Any],
-                 timeout_s: float = 30.0, num_redundant_experts: int = 0, eplb_interval: int = 0) -> None:
+                 timeout_s: float = 30.0, num_redundant_experts: int = 0, eplb_interval: int = 0,
+                 launcher: Launcher | None = None) -> None:
         if torch.device(device).type != "cpu":
             raise ValueError("expert parallelism runs on CPU (gloo) in this version")
         if eplb_interval < 0:
@@ -71,7 +73,8 @@ class EPLeaderRunner(ModelRunner):
         self.placements = initial_placements(config, size, num_redundant_experts)
         self.eplb_interval = eplb_interval
         self._steps = 0
-        self.group = EPGroup(size, {**worker_config, "num_redundant_experts": num_redundant_experts}, timeout_s)
+        self.group = EPGroup(size, {**worker_config, "num_redundant_experts": num_redundant_experts}, timeout_s,
+                             launcher)
         try:
             super().__init__(
                 config, device,

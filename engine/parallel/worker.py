@@ -1,7 +1,8 @@
-"""`python -m engine.parallel.worker '<json>'`: one non-zero rank of an offline expert-parallel group.
+"""`python -m engine.parallel.worker '<json>'`: one non-zero rank of an expert-parallel group.
 
 The JSON names the model and cache settings (the same as rank 0's), the rank, the group size,
-the store's port and the collective timeout. Commands then arrive on stdin, one JSON line each.
+the store's and rank 0's command ports and the collective timeout. Commands then arrive on the
+command connection, one JSON line each. `serve_rank` is the same loop for a Ray actor rank.
 """
 from __future__ import annotations
 
@@ -13,24 +14,22 @@ from typing import Any
 import torch
 
 
-def _read_command() -> dict[str, Any] | None:
-    line = sys.stdin.buffer.readline()
-    return json.loads(line) if line else None  # EOF: rank 0 is gone
-
-
-def main(argv: list[str]) -> int:
+def serve_rank(cfg: dict[str, Any]) -> int:
+    """Join the group and follow rank 0 until it says stop or goes away."""
     torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s ep-worker %(levelname)s %(message)s")
     from engine.parallel.group import join_group
     from engine.parallel.runner import run_follower
     from engine.parallel.settings import config_from_json
 
-    cfg = json.loads(argv[0])
-    rank, size = int(cfg["rank"]), int(cfg["size"])
-    comm, store = join_group(rank, size, int(cfg["port"]), float(cfg["timeout_s"]))
-    run_follower(config_from_json(cfg), comm, int(cfg.get("num_redundant_experts", 0)), _read_command)
+    comm, store, read_command = join_group(cfg)
+    run_follower(config_from_json(cfg), comm, int(cfg.get("num_redundant_experts", 0)), read_command)
     del store
     return 0
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s ep-worker %(levelname)s %(message)s")
+    return serve_rank(json.loads(argv[0]))
 
 
 if __name__ == "__main__":
