@@ -28,6 +28,7 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0
+DEATH_VISIBLE_S = 2.0
 
 
 class EPGroupError(RuntimeError):
@@ -211,6 +212,12 @@ class EPGroup:
         """Close the group and raise EPGroupError naming the dead ranks."""
         if message is None:
             dead = self._dead() if not self.closed else []
+            # A collective can fail a moment before the dead rank's connection or exit status
+            # shows (its sockets close one by one): look again briefly, to name the culprit.
+            deadline = time.monotonic() + DEATH_VISIBLE_S
+            while not dead and not self.closed and time.monotonic() < deadline:
+                time.sleep(0.05)
+                dead = self._dead()
             message = "expert-parallel group failed: " + ("; ".join(dead) if dead else f"{cause}")
         self.close(graceful=False)
         raise EPGroupError(message) from cause
