@@ -9,6 +9,10 @@ import torch
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 QUANTIZATIONS = (None, "wint8", "wint4")
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
+# transformers 5 writes some config fields under its internal name (a config class's
+# attribute_map target): Qwen3-MoE's num_experts becomes num_local_experts in a saved config.json.
+# Readers of hf_config (model classes, expert-parallel placement) look for the public name.
+_HF_ALIASES = {"num_experts": "num_local_experts"}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -50,6 +54,9 @@ class ModelConfig:
         archs = hf.get("architectures") or []
         if not archs:
             raise ValueError(f"{path}/config.json has no 'architectures' entry")
+        missing = {k: hf[v] for k, v in _HF_ALIASES.items() if k not in hf and v in hf}
+        if missing:
+            hf = {**hf, **missing}
         heads = int(hf["num_attention_heads"])
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())

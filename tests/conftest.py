@@ -41,6 +41,16 @@ def _config(arch: str):
             moe_layer_start_index=1,
         )
         return cfg, tf.Ernie4_5_MoeForCausalLM
+    # head_dim 32 != hidden_size / heads (16): the explicit head_dim must be honoured.
+    if arch == "qwen3":
+        return tf.Qwen3Config(**TINY_COMMON, head_dim=32, attention_bias=True), tf.Qwen3ForCausalLM
+    if arch == "qwen3_moe":
+        # Layer 0 dense (mlp_only_layers), layers 1 and 2 MoE, as in the tiny ERNIE-4.5 MoE.
+        cfg = tf.Qwen3MoeConfig(
+            **TINY_COMMON, head_dim=32, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True, mlp_only_layers=[0],
+        )
+        return cfg, tf.Qwen3MoeForCausalLM
     raise ValueError(arch)
 
 
@@ -56,6 +66,12 @@ def build_tiny_checkpoint(arch: str, folder: Path, seed: int = 0) -> Path:
                 gate = getattr(layer.mlp, "gate", None)
                 if gate is not None and hasattr(gate, "moe_statics"):
                     gate.moe_statics.e_score_correction_bias.normal_(0, 0.05)
+    if arch in ("qwen3", "qwen3_moe"):
+        # q_norm/k_norm start at ones; random weights check they are loaded and applied per head.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.normal_(1.0, 0.2)
+                layer.self_attn.k_norm.weight.normal_(1.0, 0.2)
     model.save_pretrained(folder)
     return folder
 
@@ -65,7 +81,8 @@ _CACHE: dict[str, Path] = {}
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """tiny_checkpoint("llama" | "llama_tied" | "ernie45" | "ernie45_moe") -> folder, built once per session."""
+    """tiny_checkpoint("llama" | "llama_tied" | "ernie45" | "ernie45_moe" | "qwen3" | "qwen3_moe") -> folder,
+    built once per session."""
 
     def make(arch: str) -> Path:
         if arch not in _CACHE:
@@ -156,3 +173,29 @@ def redis_url(redis_server):
     with redis_server.client() as client:
         client.flushall()
     yield redis_server.url
+
+
+def fuse_experts(src: Path, dst: Path) -> Path:
+    """Copy checkpoint `src` to `dst` with each layer's experts stored fused (transformers'
+    in-memory names: experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I])."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copy(src / "config.json", dst / "config.json")
+    fused: dict[str, torch.Tensor] = {}
+    pattern = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+    groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name, t in load_file(src / "model.safetensors").items():
+        m = pattern.fullmatch(name)
+        if m is None:
+            fused[name] = t
+        else:
+            groups.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = t
+    for prefix, experts in groups.items():
+        order = sorted(experts)
+        fused[prefix + ".gate_up_proj"] = torch.stack([torch.cat([experts[j]["gate_proj"], experts[j]["up_proj"]]) for j in order])
+        fused[prefix + ".down_proj"] = torch.stack([experts[j]["down_proj"] for j in order])
+    save_file(fused, dst / "model.safetensors")
+    return dst

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers.linear import Linear, cpu_has_native_bf16
+from engine.layers.norm import RMSNorm
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,22 @@ def paged_attention(
 
 
 class Attention(torch.nn.Module):
-    """Self-attention block: fused qkv projection, rotary, paged attention, output projection."""
+    """Self-attention block: fused qkv projection, rotary, paged attention, output projection.
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool = False) -> None:
+    With `qk_norm` (Qwen3), each query and key head is RMS-normalised over head_dim (q_norm,
+    k_norm: one weight [head_dim] each, shared by the heads) before rotary.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        bias: bool = False,
+        qk_norm: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -114,13 +128,22 @@ class Attention(torch.nn.Module):
         self.scale = head_dim**-0.5
         self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = Linear(self.q_size, hidden_size, bias=bias)
+        # The norms' outputs stay float32 (out_dtype is left at float32 by the loader): rotary
+        # runs in float32 anyway, so q and k are rounded to the model dtype once, after it.
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.kv_cache: torch.Tensor | None = None  # bound by the model runner
 
     def forward(self, x: torch.Tensor, rope, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        # Rotate q and k in one call: they are adjacent heads of the fused projection.
-        qk = rope.apply(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
+        qk = qkv[:, : self.num_heads + self.num_kv_heads]
+        if self.q_norm is not None:
+            normed = torch.cat((self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])), dim=1)
+            qk = rope.apply(normed, cos, sin).to(qkv.dtype)
+        else:
+            # Rotate q and k in one call: they are adjacent heads of the fused projection.
+            qk = rope.apply(qk, cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads :]
         o = paged_attention(q, k, v, self.kv_cache, meta, self.scale)

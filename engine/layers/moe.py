@@ -1,8 +1,10 @@
-"""Mixture-of-experts block: top-k softmax routing (ERNIE-4.5 gating), routed and shared experts.
+"""Mixture-of-experts block: top-k softmax routing (ERNIE-4.5 and Qwen3-MoE gating), routed and
+shared experts.
 
-Routing follows transformers' Ernie4_5_Moe exactly: float32 router logits, softmax over all
-experts, top-k chosen on the probabilities plus a per-expert correction bias, the chosen
-(unbiased) probabilities renormalised by max(sum, norm_min).
+Routing follows transformers' Ernie4_5_Moe and Qwen3Moe exactly: float32 router logits, softmax
+over all experts, top-k chosen on the probabilities plus a per-expert correction bias (ERNIE; zero
+when the checkpoint has none), the chosen (unbiased) probabilities renormalised by
+max(sum, norm_min) when `renormalize` (always for ERNIE; Qwen3-MoE's `norm_topk_prob`).
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from engine.layers.mlp import GatedMLP
 
 
 class TopKRouter(torch.nn.Module):
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_min: float) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_min: float, renormalize: bool = True) -> None:
         super().__init__()
         self.top_k = top_k
         self.norm_min = norm_min
+        self.renormalize = renormalize
         # Kept in float32 whatever the model dtype, as the reference does.
         self.weight = torch.nn.Parameter(torch.zeros(num_experts, hidden_size), requires_grad=False)
         self.e_score_correction_bias = torch.nn.Parameter(torch.zeros(num_experts), requires_grad=False)
@@ -28,7 +31,8 @@ class TopKRouter(torch.nn.Module):
         probs = F.softmax(logits, dim=1, dtype=torch.float)
         _, ids = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1)
         weights = probs.gather(-1, ids)
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=self.norm_min)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=self.norm_min)
         return weights.to(x.dtype), ids
 
 
@@ -90,9 +94,10 @@ class SparseMoE(torch.nn.Module):
         num_shared_experts: int,
         norm_min: float,
         bias: bool = False,
+        renormalize: bool = True,
     ) -> None:
         super().__init__()
-        self.gate = TopKRouter(hidden_size, num_experts, top_k, norm_min)
+        self.gate = TopKRouter(hidden_size, num_experts, top_k, norm_min, renormalize)
         self.experts = Experts(num_experts, hidden_size, moe_intermediate_size)
         self.shared_experts = (
             GatedMLP(hidden_size, moe_intermediate_size * num_shared_experts, bias=bias) if num_shared_experts > 0 else None

@@ -32,6 +32,7 @@ class MoESpec:
     num_shared_experts: int
     norm_min: float
     layer_ids: frozenset[int]
+    renormalize: bool = True  # rescale the top-k weights to sum to 1 (Qwen3-MoE: norm_topk_prob)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class DecoderSpec:
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3)
     moe: MoESpec | None = None
 
     @classmethod
@@ -78,13 +80,14 @@ class DecoderLayer(torch.nn.Module):
     def __init__(self, spec: DecoderSpec, layer_id: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.attention_bias)
+        self.self_attn = Attention(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.attention_bias,
+                                   qk_norm=spec.qk_norm, eps=spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         moe = spec.moe
         if moe is not None and layer_id in moe.layer_ids:
             self.mlp: torch.nn.Module = SparseMoE(
                 spec.hidden_size, moe.num_experts, moe.top_k, moe.intermediate_size, moe.num_shared_experts,
-                moe.norm_min, spec.mlp_bias,
+                moe.norm_min, spec.mlp_bias, renormalize=moe.renormalize,
             )
         else:
             self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
@@ -172,20 +175,33 @@ class DecoderForCausalLM(torch.nn.Module):
             a = p + ".self_attn"
             load_linear(layer.self_attn.qkv_proj, [a + ".q_proj", a + ".k_proj", a + ".v_proj"])
             load_linear(layer.self_attn.o_proj, [a + ".o_proj"])
+            if layer.self_attn.q_norm is not None:
+                # float32 weights; out_dtype stays float32 so q/k are rounded once, after rotary.
+                put(layer.self_attn.q_norm.weight, take(a + ".q_norm.weight"), keep_fp32=True)
+                put(layer.self_attn.k_norm.weight, take(a + ".k_norm.weight"), keep_fp32=True)
             if isinstance(layer.mlp, SparseMoE):
                 moe = layer.mlp
                 put(moe.gate.weight, take(p + ".mlp.gate.weight"), keep_fp32=True)
                 bias = maybe(p + ".mlp.moe_statics.e_score_correction_bias")
                 if bias is None:
                     bias = maybe(p + ".mlp.gate.e_score_correction_bias")
-                if bias is not None:
-                    put(moe.gate.e_score_correction_bias, bias.reshape(-1), keep_fp32=True)
+                if bias is None:
+                    # No correction bias (Qwen3-MoE): zeros, as the module was built on the meta
+                    # device and its memory is otherwise uninitialised.
+                    bias = torch.zeros(moe.gate.e_score_correction_bias.shape)
+                put(moe.gate.e_score_correction_bias, bias.reshape(-1), keep_fp32=True)
                 n = moe.experts.num_experts
                 e = p + ".mlp.experts"
                 # An expert-parallel rank holds only its own experts (EPExperts.expert_ids).
-                ids = getattr(moe.experts, "expert_ids", range(n))
-                put(moe.experts.gate_up, torch.stack([torch.cat([take(f"{e}.{j}.gate_proj.weight"), take(f"{e}.{j}.up_proj.weight")]) for j in ids]))
-                put(moe.experts.down, torch.stack([take(f"{e}.{j}.down_proj.weight") for j in ids]))
+                ids = list(getattr(moe.experts, "expert_ids", range(n)))
+                if f"{e}.gate_up_proj" in w:
+                    # Fused layout (transformers' in-memory Qwen3-MoE experts): gate_up_proj
+                    # [E, 2I, H] with gate rows first, down_proj [E, H, I]; the same as ours.
+                    put(moe.experts.gate_up, take(f"{e}.gate_up_proj")[ids])
+                    put(moe.experts.down, take(f"{e}.down_proj")[ids])
+                else:
+                    put(moe.experts.gate_up, torch.stack([torch.cat([take(f"{e}.{j}.gate_proj.weight"), take(f"{e}.{j}.up_proj.weight")]) for j in ids]))
+                    put(moe.experts.down, torch.stack([take(f"{e}.{j}.down_proj.weight") for j in ids]))
                 if moe.shared_experts is not None:
                     load_mlp(moe.shared_experts, p + ".mlp.shared_experts")
             else:

@@ -6,11 +6,14 @@ from typing import Any, Callable
 from engine.models.decoder import DecoderForCausalLM
 from engine.models.ernie45 import Ernie45ForCausalLM, Ernie45MoeForCausalLM
 from engine.models.llama import LlamaForCausalLM
+from engine.models.qwen3 import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, Callable[[dict[str, Any]], DecoderForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Ernie4_5ForCausalLM": Ernie45ForCausalLM,
     "Ernie4_5_MoeForCausalLM": Ernie45MoeForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -21,6 +21,7 @@ from engine.layers.moe import SparseMoE, expert_ffn
 from engine.parallel.placement import ExpertPlacement
 
 _EXPERT_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+_FUSED_EXPERTS = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(?:gate_up_proj|down_proj)$")
 
 
 class Collectives(Protocol):
@@ -198,7 +199,10 @@ def replace_experts(model: torch.nn.Module, placements: dict[int, ExpertPlacemen
 
     def keep(name: str) -> bool:
         m = _EXPERT_WEIGHT.search(name)
-        return m is not None and int(m.group(2)) in need.get(int(m.group(1)), ())
+        if m is not None:
+            return int(m.group(2)) in need.get(int(m.group(1)), ())
+        fused = _FUSED_EXPERTS.search(name)  # all experts of a layer in one tensor
+        return fused is not None and bool(need.get(int(fused.group(1))))
 
     loaded = {name.removeprefix("model."): t for name, t in read(keep)}
     for i, (moe, new, kept) in plan.items():
@@ -209,10 +213,14 @@ def replace_experts(model: torch.nn.Module, placements: dict[int, ExpertPlacemen
                 gate_up.append(old.gate_up[kept[e]])
                 down.append(old.down[kept[e]])
             else:
-                p = f"layers.{i}.mlp.experts.{e}."
+                p = f"layers.{i}.mlp.experts."
                 try:
-                    gate_up.append(torch.cat([loaded[p + "gate_proj.weight"], loaded[p + "up_proj.weight"]]))
-                    down.append(loaded[p + "down_proj.weight"])
+                    if p + "gate_up_proj" in loaded:  # fused: gate rows first, as ours
+                        gate_up.append(loaded[p + "gate_up_proj"][e])
+                        down.append(loaded[p + "down_proj"][e])
+                    else:
+                        gate_up.append(torch.cat([loaded[f"{p}{e}.gate_proj.weight"], loaded[f"{p}{e}.up_proj.weight"]]))
+                        down.append(loaded[f"{p}{e}.down_proj.weight"])
                 except KeyError as err:
                     raise ValueError(f"checkpoint is missing weight {err.args[0]!r}") from None
         dtype, device = old.gate_up.dtype, old.gate_up.device

@@ -1,6 +1,7 @@
 """Expert parallelism on the tiny ERNIE-4.5 MoE (8 experts, top-2, one shared expert, float32):
 an EP=2 group (this process + one child) gives the tokens of EP=1 and of transformers, records
-per-expert counts, and fails fast and cleanly when a rank dies."""
+per-expert counts, and fails fast and cleanly when a rank dies; the same tokens on the tiny
+Qwen3-MoE."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import torch
 from engine import LLM, LLMEngine, SamplingParams
 from engine.parallel import ExpertPlacement
 from engine.parallel.group import EPGroupError
-from tests.conftest import run_to_completion
+from tests.conftest import fuse_experts, run_to_completion
 from tests.unit.test_fidelity import GREEDY, prompts_for, reference
 
 KW = dict(dtype="float32", num_kv_blocks=256, max_model_len=512)
@@ -54,6 +55,27 @@ def test_ep2_greedy_matches_ep1_and_transformers(moe):
         torch.testing.assert_close(engine.score(tokens), single.score(tokens), rtol=1e-5, atol=1e-5)
     finally:
         engine.close()
+
+
+def test_ep2_qwen3_moe_greedy_matches_ep1_and_transformers(tiny_checkpoint, tmp_path):
+    """Qwen3-MoE (no shared expert, no correction bias, norm_topk_prob; layer 0 dense) over EP=2,
+    also from a checkpoint with fused expert tensors, before and after a rebalance."""
+    path = tiny_checkpoint("qwen3_moe")
+    ref = reference(path, "qwen3_moe")
+    single = LLMEngine.from_args(str(path), **KW)
+    assert run_to_completion(single, prompts_for(256), GREEDY) == ref
+    for folder in (path, fuse_experts(path, tmp_path)):
+        engine = LLMEngine.from_args(str(folder), expert_parallel_size=2, num_redundant_experts=1, **KW)
+        pids = engine.runner.group.pids
+        try:
+            assert engine.runner.model.layers[1].mlp.experts.gate_up.shape[0] == 5  # half the experts + 1 replica
+            assert run_to_completion(engine, prompts_for(256), GREEDY) == ref
+            engine.runner.rebalance({i: ExpertPlacement(8, 2, ((1, 3, 5, 6, 7), (0, 1, 2, 4, 6))) for i in engine.runner.placements})
+            assert run_to_completion(engine, prompts_for(256), GREEDY, prefix="moved") == ref
+            assert not engine.leaks()
+        finally:
+            engine.close()
+        assert all(_gone(p) for p in pids)
 
 
 def test_expert_counts_per_step(moe):

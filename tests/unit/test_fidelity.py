@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from tests.conftest import run_to_completion
+from tests.conftest import fuse_experts, run_to_completion
 
-ARCHS = ["llama", "llama_tied", "ernie45", "ernie45_moe"]
+ARCHS = ["llama", "llama_tied", "ernie45", "ernie45_moe", "qwen3", "qwen3_moe"]
 PROMPT_LENS = [5, 17, 33, 64, 3, 40]
 
 
@@ -56,7 +56,7 @@ def test_greedy_matches_without_prefix_cache_with_tiny_chunks(arch, tiny_checkpo
     assert run_to_completion(engine, prompts_for(256), GREEDY) == reference(path, arch)
 
 
-@pytest.mark.parametrize("arch", ["llama", "ernie45_moe"])
+@pytest.mark.parametrize("arch", ["llama", "ernie45_moe", "qwen3_moe"])
 def test_greedy_matches_under_preemption(arch, tiny_checkpoint, make_engine):
     path = tiny_checkpoint(arch)
     # 14 blocks of 8 tokens cannot hold all six sequences at once: requests get preempted and recomputed.
@@ -65,7 +65,7 @@ def test_greedy_matches_under_preemption(arch, tiny_checkpoint, make_engine):
     assert engine.scheduler.num_preemptions > 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "ernie45_moe"])
+@pytest.mark.parametrize("arch", ["llama", "ernie45_moe", "qwen3_moe"])
 def test_prefix_cache_hits_give_same_tokens(arch, tiny_checkpoint, make_engine):
     path = tiny_checkpoint(arch)
     engine = make_engine(path, block_size=4)
@@ -93,3 +93,51 @@ def test_logits_close_to_transformers(arch, tiny_checkpoint, make_engine):
     engine.scheduler.update_after_step(out)
     engine.abort("x")
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen3_moe_fused_expert_names(tiny_checkpoint, make_engine, tmp_path):
+    """Experts stored fused (transformers' in-memory names: experts.gate_up_proj [E, 2I, H],
+    experts.down_proj [E, H, I]) load to the same model as the per-expert names save_pretrained writes."""
+    src = tiny_checkpoint("qwen3_moe")
+    fuse_experts(src, tmp_path)
+    tokens = prompts_for(256)[1]
+    torch.testing.assert_close(make_engine(tmp_path).score(tokens), make_engine(src).score(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "extra", [dict(mlp_only_layers=[0]), dict(decoder_sparse_step=2), dict(decoder_sparse_step=2, mlp_only_layers=[3])]
+)
+def test_qwen3_moe_layers_match_transformers(extra):
+    """Which layers are MoE (mlp_only_layers, decoder_sparse_step), read from a saved config.json's
+    fields, agrees with transformers' own Qwen3MoeDecoderLayer."""
+    import transformers as tf
+
+    from engine.layers.moe import SparseMoE
+    from engine.models.registry import build_model
+
+    cfg = tf.Qwen3MoeConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                            num_attention_heads=2, num_key_value_heads=1, moe_intermediate_size=8, num_experts=4,
+                            num_experts_per_tok=2, **extra)
+    with torch.device("meta"):
+        ref = tf.Qwen3MoeForCausalLM(cfg)
+        ours = build_model("Qwen3MoeForCausalLM", cfg.to_dict())
+    want = [type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in ref.model.layers]
+    assert [isinstance(layer.mlp, SparseMoE) for layer in ours.layers] == want
+    assert any(want) and not all(want)
+
+
+def test_qwen3_sliding_window_is_rejected():
+    import transformers as tf
+
+    from engine.models.registry import build_model
+
+    small = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1)
+    with torch.device("meta"):
+        build_model("Qwen3ForCausalLM", tf.Qwen3Config(**small, head_dim=8).to_dict())  # no window: fine
+        with pytest.raises(ValueError, match="sliding-window"):
+            build_model("Qwen3ForCausalLM", tf.Qwen3Config(**small, head_dim=8, use_sliding_window=True,
+                                                           max_window_layers=1).to_dict())
+        with pytest.raises(ValueError, match="sliding-window"):
+            moe = tf.Qwen3MoeConfig(**small, num_experts=4, use_sliding_window=True)
+            build_model("Qwen3MoeForCausalLM", moe.to_dict())
