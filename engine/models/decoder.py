@@ -152,7 +152,8 @@ class DecoderForCausalLM(torch.nn.Module):
         def put(param: torch.nn.Parameter, tensor: torch.Tensor, keep_fp32: bool = False) -> None:
             if tuple(param.shape) != tuple(tensor.shape):
                 raise ValueError(f"weight shape {tuple(tensor.shape)} does not match {tuple(param.shape)}")
-            param.data = tensor.to(torch.float32 if keep_fp32 else dtype).contiguous()
+            # Onto the parameter's device (the runner's: built there by to_empty), not left where read.
+            param.data = tensor.to(device=param.device, dtype=torch.float32 if keep_fp32 else dtype).contiguous()
 
         def load_linear(mod: torch.nn.Linear, prefixes: list[str]) -> None:
             put(mod.weight, torch.cat([take(p + ".weight") for p in prefixes]))
