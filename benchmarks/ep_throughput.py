@@ -7,7 +7,9 @@ bf16, 8 random 64-token prompts, 32 output tokens each (ignore_eos), greedy; one
 1 thread each; EP=1 also at 2 threads (the same cores as EP=2). The skewed checkpoint is the
 same model with a routing correction bias that sends most tokens to experts 0-3, all of which
 the contiguous placement puts on rank 0; "rebalanced" runs one pass, rebalances from its counts
-(with 2 spare slots per rank for replicas, or none), then measures.
+(with 2 spare slots per rank for replicas, or none), then measures. EP=2 rows use the default
+"replicated" dispatch (only expert results travel) unless they say "all-to-all dispatch" (hidden
+states travel too).
 
     .venv/bin/python benchmarks/ep_throughput.py
 """
@@ -50,10 +52,12 @@ def build_checkpoint(folder: Path, skewed: bool = False) -> Path:
     return folder
 
 
-def run(path: Path, ep: int, threads: int, prompts, params, repeats: int, redundant: int = -1) -> dict:
+def run(path: Path, ep: int, threads: int, prompts, params, repeats: int, redundant: int = -1,
+        dispatch: str = "replicated") -> dict:
     """`redundant` >= 0: rebalance after a first pass, with that many spare slots per rank."""
     torch.set_num_threads(threads)
-    kw = {} if ep == 1 else {"expert_parallel_size": ep, "num_redundant_experts": max(redundant, 0)}
+    kw = {} if ep == 1 else {"expert_parallel_size": ep, "num_redundant_experts": max(redundant, 0),
+                             "ep_dispatch": dispatch}
     with LLM(str(path), dtype="bfloat16", num_kv_blocks=256, **kw) as llm:
         runner = llm.engine.runner
         llm.generate(prompts if redundant >= 0 else prompts[:2], params)  # warm-up (and the counts to balance on)
@@ -94,13 +98,14 @@ def main() -> None:
         ("uniform", "EP=1, 1 thread", uniform, 1, 1, -1),
         ("uniform", "EP=1, 2 threads", uniform, 1, 2, -1),
         ("uniform", "EP=2, 1 thread per rank", uniform, 2, 1, -1),
+        ("uniform", "EP=2, hidden-state all-to-all dispatch", uniform, 2, 1, -1, "alltoall"),
         ("skewed", "EP=1, 1 thread", skewed, 1, 1, -1),
         ("skewed", "EP=2 contiguous", skewed, 2, 1, -1),
         ("skewed", "EP=2 rebalanced, no replicas", skewed, 2, 1, 0),
         ("skewed", "EP=2 rebalanced, 2 replica slots/rank", skewed, 2, 1, 2),
     ]
-    results = {(routing, name): run(path, ep, threads, prompts, params, args.repeats, redundant)
-               for routing, name, path, ep, threads, redundant in rows}
+    results = {(routing, name): run(path, ep, threads, prompts, params, args.repeats, *rest)
+               for routing, name, path, ep, threads, *rest in rows}
     print(f"random ERNIE-4.5-MoE (16 experts, top-2, 4 layers, hidden 512), bf16, 8 x (64 in / 32 out), "
           f"median of {args.repeats}")
     print("| routing | setup | out tok/s | vs EP=1 1 thread | EP collectives share of rank 0 time "

@@ -90,6 +90,7 @@ class LLMEngine:
         num_redundant_experts: int = 0,
         eplb_interval: int = 0,
         ep_launcher: Any = None,
+        ep_dispatch: str = "replicated",
     ) -> "LLMEngine":
         """Build from vLLM-style arguments; `model=None` serves the default model.
 
@@ -97,7 +98,8 @@ class LLMEngine:
         this one and N-1 children; call `close()` to stop them. `num_redundant_experts` extra
         expert slots per rank hold replicas of hot experts; `eplb_interval=S > 0` rebalances the
         placement from observed load every S steps (`runner.rebalance()` does it on demand).
-        `ep_launcher` starts the other ranks (default: child processes; see engine.parallel.group)."""
+        `ep_launcher` starts the other ranks (default: child processes; see engine.parallel.group);
+        `ep_dispatch` is "replicated" or "alltoall" (see engine.parallel.expert.EPMoE)."""
         if expert_parallel_size < 1:
             raise ValueError(f"expert_parallel_size must be >= 1, got {expert_parallel_size}")
         path = resolve_model_path(model)
@@ -117,7 +119,7 @@ class LLMEngine:
 
             runner = EPLeaderRunner(config, device, expert_parallel_size, config_to_json(config),
                                     num_redundant_experts=num_redundant_experts, eplb_interval=eplb_interval,
-                                    launcher=ep_launcher)
+                                    launcher=ep_launcher, dispatch=ep_dispatch)
         elif num_redundant_experts or eplb_interval:
             raise ValueError("num_redundant_experts and eplb_interval need expert_parallel_size > 1")
         try:

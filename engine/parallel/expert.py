@@ -1,11 +1,17 @@
 """The expert-parallel MoE layer for one rank, and the helpers that shard and re-place experts.
 
 Attention runs replicated over the whole batch (one scheduler on rank 0), so every rank holds
-every token's hidden state. Each MoE layer then splits the batch: rank r takes a contiguous
-share of the tokens, routes them and runs the shared experts on them, dispatches each (token,
-expert) pair to a rank holding that expert (all-to-all), computes the experts it received,
-returns the results (all-to-all), combines them with the router weights, and the shares are
-all-gathered back into the whole batch for the next (replicated) layer.
+every token's hidden state. Each MoE layer splits the batch into contiguous token shares, one per
+rank; rank r runs the shared experts on its share and ends up with its share's MoE output, and
+the shares are all-gathered back into the whole batch for the next (replicated) layer. In between,
+each (token, expert) pair is computed on a rank holding that expert, in one of two ways:
+
+- "replicated" (default): every rank routes the whole batch (the router is cheap and the hidden
+  states are already there), computes the pairs assigned to it, and one all-to-all returns the
+  results to each token's share owner;
+- "alltoall": rank r routes only its share and dispatches the pairs' hidden states to the
+  experts' holders (all-to-all after an all-gather of the counts), which return the results
+  (all-to-all): the general scheme, for ranks that do not hold each other's tokens.
 
 The combine adds a token's expert outputs in ascending expert order, as the single-rank
 `Experts` does, so EP=N computes the same sums as EP=1.
@@ -21,6 +27,7 @@ from engine.layers.moe import SparseMoE, expert_ffn
 from engine.parallel.placement import ExpertPlacement
 
 _EXPERT_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+DISPATCH_MODES = ("replicated", "alltoall")
 _FUSED_EXPERTS = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(?:gate_up_proj|down_proj)$")
 
 
@@ -63,21 +70,23 @@ class EPExperts(torch.nn.Module):
         E = placement.num_experts
         holders = [placement.holders(e) for e in range(E)]
         width = max(len(h) for h in holders)
-        # Dispatch tables (CPU, long): the ranks holding each expert, padded; replicas per expert;
-        # this rank's local slot per expert (-1: not held here).
+        # Dispatch tables (CPU): the ranks holding each expert (padded), replicas per expert, and
+        # whether rank r holds expert e.
         self._holders = torch.tensor([list(h) + [h[0]] * (width - len(h)) for h in holders], dtype=torch.long, device="cpu")
         self._num_holders = torch.tensor([len(h) for h in holders], dtype=torch.long, device="cpu")
-        self._local = torch.tensor([comm.rank in h for h in holders], dtype=torch.bool, device="cpu")
+        self._holds = torch.tensor([[r in h for r in range(comm.size)] for h in holders], dtype=torch.bool, device="cpu")
         # Global counts (every rank learns the whole send matrix), explicitly on the CPU: the
         # module may be built under torch.device("meta").
         self.last_expert_counts = torch.zeros(E, dtype=torch.int64, device="cpu")
         self.total_expert_counts = torch.zeros(E, dtype=torch.int64, device="cpu")
 
-    def destinations(self, experts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The rank each (token, expert) pair goes to: this rank if it holds the expert, else one of
-        the expert's holders chosen by global token index (spreads a replicated expert's load)."""
+    def destinations(self, experts: torch.Tensor, tokens: torch.Tensor, sources: torch.Tensor | int) -> torch.Tensor:
+        """The rank each (token, expert) pair is computed on: its source rank if that holds the
+        expert, else one of the expert's holders chosen by global token index (spreads a
+        replicated expert's load)."""
         pick = self._holders[experts, tokens % self._num_holders[experts]]
-        return torch.where(self._local[experts], self.comm.rank, pick)
+        sources = torch.as_tensor(sources, dtype=torch.long).expand_as(experts)
+        return torch.where(self._holds[experts, sources], sources, pick)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_token: int) -> torch.Tensor:
         """Routed-expert output for this rank's token share `x` ([t, H], global index `first_token`)."""
@@ -85,7 +94,7 @@ class EPExperts(torch.nn.Module):
         t, k = ids.shape
         pair_expert = ids.reshape(-1).cpu()
         pair_token = torch.arange(t * k) // k
-        dest = self.destinations(pair_expert, pair_token + first_token)
+        dest = self.destinations(pair_expert, pair_token + first_token, comm.rank)
         key = dest * E + pair_expert
         order = torch.argsort(key, stable=True)  # by destination, then expert, then token
         send = torch.bincount(key, minlength=N * E).view(N, E)
@@ -107,6 +116,36 @@ class EPExperts(torch.nn.Module):
         out.index_add_(0, pair_token[order][by_expert].to(dev), contrib[by_expert.to(dev)])
         return out
 
+    def forward_replicated(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Routed-expert output for tokens [start, end) when every rank holds the whole batch `x`
+        and its routing: nothing needs dispatching, each rank computes the pairs it is assigned
+        and one all-to-all returns the results to each token's share owner."""
+        comm, E, N = self.comm, self.num_experts, self.comm.size
+        T, k = ids.shape
+        pair_expert = ids.reshape(-1).cpu()
+        pair_token = torch.arange(T * k) // k
+        bounds = torch.tensor([token_share(T, N, r)[1] for r in range(N)])
+        home = torch.bucketize(pair_token, bounds, right=True)  # the rank whose share holds the token
+        dest = self.destinations(pair_expert, pair_token, home)
+        self.last_expert_counts = torch.bincount(pair_expert, minlength=E)
+        self.total_expert_counts += self.last_expert_counts
+        dev = x.device
+        # Mine to compute, sent home grouped by (home, expert, token).
+        mine = torch.nonzero(dest == comm.rank).squeeze(1)
+        mine = mine[torch.argsort(home[mine] * E + pair_expert[mine], stable=True)]
+        send_splits = torch.bincount(home[mine], minlength=N).tolist()
+        y = self._compute(x[pair_token[mine].to(dev)], pair_expert[mine])
+        # My tokens' pairs come back from each computing rank in (expert, token) order.
+        own = torch.arange(start * k, end * k)
+        order = own[torch.argsort(dest[own] * E + pair_expert[own], stable=True)]
+        recv_splits = torch.bincount(dest[own], minlength=N).tolist()
+        results = comm.all_to_all(y, send_splits, recv_splits)
+        contrib = results * weights.reshape(-1)[order.to(dev)][:, None]
+        by_expert = torch.argsort(pair_expert[order], stable=True)
+        out = torch.zeros(end - start, x.shape[1], dtype=x.dtype, device=dev)
+        out.index_add_(0, (pair_token[order][by_expert] - start).to(dev), contrib[by_expert.to(dev)])
+        return out
+
     def _compute(self, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(rows)
         order = torch.argsort(experts, stable=True).to(rows.device)
@@ -125,10 +164,18 @@ class EPExperts(torch.nn.Module):
 
 
 class EPMoE(SparseMoE):
-    """A SparseMoE whose routed experts are spread over the group; same parameter names."""
+    """A SparseMoE whose routed experts are spread over the group; same parameter names.
 
-    def __init__(self, moe: SparseMoE, experts: EPExperts, layer_index: int) -> None:
+    `dispatch="alltoall"` routes only this rank's share and sends the pairs' hidden states to the
+    experts' holders (what ranks with different batches need); `"replicated"` (default) uses
+    that every rank already holds the whole batch: each rank routes all of it, computes the pairs
+    assigned to it, and only the results travel (2 collectives per layer instead of 4)."""
+
+    def __init__(self, moe: SparseMoE, experts: EPExperts, layer_index: int, dispatch: str = "replicated") -> None:
         torch.nn.Module.__init__(self)
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(f"ep dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
+        self.dispatch = dispatch
         self.gate = moe.gate
         self.experts = experts
         self.shared_experts = moe.shared_experts
@@ -139,8 +186,12 @@ class EPMoE(SparseMoE):
         T = x.shape[0]
         start, end = token_share(T, comm.size, comm.rank)
         xs = x[start:end]
-        weights, ids = self.gate(xs)
-        out = self.experts(xs, weights, ids, start)
+        if self.dispatch == "replicated":
+            weights, ids = self.gate(x)
+            out = self.experts.forward_replicated(x, weights, ids, start, end)
+        else:
+            weights, ids = self.gate(xs)
+            out = self.experts(xs, weights, ids, start)
         if self.shared_experts is not None:
             out = out + self.shared_experts(xs)
         # All-gather needs equal shapes: pad every share to the largest.
@@ -160,7 +211,8 @@ def moe_layer_indices(model: torch.nn.Module) -> list[int]:
     return [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, SparseMoE)]
 
 
-def shard_experts(model: torch.nn.Module, placements: dict[int, ExpertPlacement], comm: Collectives) -> None:
+def shard_experts(model: torch.nn.Module, placements: dict[int, ExpertPlacement], comm: Collectives,
+                  dispatch: str = "replicated") -> None:
     """Swap every MoE layer for this rank's EP layer (call on the meta-device model, before loading)."""
     indices = moe_layer_indices(model)
     if not indices:
@@ -171,7 +223,7 @@ def shard_experts(model: torch.nn.Module, placements: dict[int, ExpertPlacement]
         if moe.experts.num_experts != placement.num_experts:
             raise ValueError(f"placement is for {placement.num_experts} experts, the model has {moe.experts.num_experts}")
         hidden = moe.experts.gate_up.shape[-1]
-        model.layers[i].mlp = EPMoE(moe, EPExperts(placement, comm, hidden, moe.experts.intermediate_size), i)
+        model.layers[i].mlp = EPMoE(moe, EPExperts(placement, comm, hidden, moe.experts.intermediate_size), i, dispatch)
 
 
 def keep_weight(placements: dict[int, ExpertPlacement], rank: int) -> Callable[[str], bool]:

@@ -17,7 +17,7 @@ from engine.loader import iter_weights
 from engine.model_runner import ModelRunner
 from engine.models.registry import build_model
 from engine.parallel import plan
-from engine.parallel.expert import Collectives, keep_weight, moe_layer_indices, replace_experts, shard_experts
+from engine.parallel.expert import DISPATCH_MODES, Collectives, keep_weight, moe_layer_indices, replace_experts, shard_experts
 from engine.parallel.group import EPGroup, EPGroupError, Launcher
 from engine.parallel.placement import ExpertPlacement, balanced
 from engine.scheduler import SchedulerOutput
@@ -61,11 +61,12 @@ class EPLeaderRunner(ModelRunner):
 
     `num_redundant_experts` extra slots per rank hold replicas; `eplb_interval > 0` rebalances the
     placement from the counts seen since the last rebalance every that many steps; `launcher`
-    starts ranks 1..N-1 (child processes by default, Ray actors in the cluster)."""
+    starts ranks 1..N-1 (child processes by default, Ray actors in the cluster); `dispatch` picks
+    how MoE layers move tokens (see EPMoE)."""
 
     def __init__(self, config: EngineConfig, device: str, size: int, worker_config: dict[str, Any],
                  timeout_s: float = 30.0, num_redundant_experts: int = 0, eplb_interval: int = 0,
-                 launcher: Launcher | None = None) -> None:
+                 launcher: Launcher | None = None, dispatch: str = "replicated") -> None:
         if torch.device(device).type != "cpu":
             raise ValueError("expert parallelism runs on CPU (gloo) in this version")
         if eplb_interval < 0:
@@ -73,12 +74,14 @@ class EPLeaderRunner(ModelRunner):
         self.placements = initial_placements(config, size, num_redundant_experts)
         self.eplb_interval = eplb_interval
         self._steps = 0
-        self.group = EPGroup(size, {**worker_config, "num_redundant_experts": num_redundant_experts}, timeout_s,
-                             launcher)
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(f"ep dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
+        self.group = EPGroup(size, {**worker_config, "num_redundant_experts": num_redundant_experts,
+                                    "dispatch": dispatch}, timeout_s, launcher)
         try:
             super().__init__(
                 config, device,
-                shard=lambda m: shard_experts(m, self.placements, self.group.comm),
+                shard=lambda m: shard_experts(m, self.placements, self.group.comm, dispatch),
                 keep_weight=keep_weight(self.placements, 0),
             )
             self.model.register_forward_pre_hook(self._send_plan)
@@ -139,14 +142,14 @@ class EPLeaderRunner(ModelRunner):
 
 
 def run_follower(config: EngineConfig, comm: Collectives, num_redundant_experts: int,
-                 read_command: Callable[[], dict[str, Any] | None]) -> None:
+                 read_command: Callable[[], dict[str, Any] | None], dispatch: str = "replicated") -> None:
     """A child rank's loop: build its share of the model, run each forward rank 0 sends, re-place
     experts when told, until stop."""
     placements = initial_placements(config, comm.size, num_redundant_experts)
     num_experts = next(iter(placements.values())).num_experts
     runner = ModelRunner(
         config, "cpu",
-        shard=lambda m: shard_experts(m, placements, comm),
+        shard=lambda m: shard_experts(m, placements, comm, dispatch),
         keep_weight=keep_weight(placements, comm.rank),
     )
     logger.info("EP rank %d/%d ready", comm.rank, comm.size)

@@ -22,7 +22,8 @@ def serve_rank(cfg: dict[str, Any]) -> int:
     from engine.parallel.settings import config_from_json
 
     comm, store, read_command = join_group(cfg)
-    run_follower(config_from_json(cfg), comm, int(cfg.get("num_redundant_experts", 0)), read_command)
+    run_follower(config_from_json(cfg), comm, int(cfg.get("num_redundant_experts", 0)), read_command,
+                 cfg.get("dispatch", "replicated"))
     del store
     return 0
 

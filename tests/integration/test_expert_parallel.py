@@ -38,7 +38,8 @@ def test_ep2_greedy_matches_ep1_and_transformers(moe):
     single = LLMEngine.from_args(str(moe), **KW)
     assert run_to_completion(single, prompts_for(256), GREEDY) == ref
     # Tiny chunks and blocks: chunked prefills, mixed prefill+decode steps, padded decode tables.
-    for extra in ({}, dict(enable_prefix_caching=False, max_num_batched_tokens=7, block_size=4)):
+    # Tiny chunks and blocks also with the hidden-state all-to-all dispatch.
+    for extra in ({}, dict(enable_prefix_caching=False, max_num_batched_tokens=7, block_size=4, ep_dispatch="alltoall")):
         engine = LLMEngine.from_args(str(moe), expert_parallel_size=2, **KW, **extra)
         pids = engine.runner.group.pids
         try:
@@ -130,10 +131,12 @@ def test_rebalance_with_replicas_keeps_tokens(moe):
             runner.rebalance({1: swapped[1]})  # must cover every MoE layer
         assert not llm.engine.leaks()
     # Rebalancing after every step, through chunked prefills and mixed steps.
-    with LLM(moe, expert_parallel_size=2, num_redundant_experts=2, eplb_interval=1,
+    with LLM(moe, expert_parallel_size=2, num_redundant_experts=2, eplb_interval=1, ep_dispatch="alltoall",
              enable_prefix_caching=False, max_num_batched_tokens=7, block_size=4, **KW) as llm:
         assert run_to_completion(llm.engine, prompts, GREEDY) == ref
         assert llm.engine.runner.placements != {i: ExpertPlacement.contiguous(8, 2, 2) for i in start}
+    with pytest.raises(ValueError, match="dispatch"):
+        LLMEngine.from_args(str(moe), expert_parallel_size=2, ep_dispatch="broadcast", **KW)
     with pytest.raises(ValueError, match="expert_parallel_size > 1"):
         LLMEngine.from_args(str(moe), num_redundant_experts=1, **KW)
 

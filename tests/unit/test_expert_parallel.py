@@ -106,10 +106,12 @@ def test_dispatch_prefers_local_replica_and_spreads_the_rest():
     ep = EPExperts(p, _Rank(1, 3), hidden_size=2, intermediate_size=2)
     experts = torch.tensor([0, 0, 1, 2, 3, 1])
     tokens = torch.tensor([0, 1, 2, 3, 4, 5])
-    assert ep.destinations(experts, tokens).tolist() == [1, 1, 0, 1, 2, 0]
+    assert ep.destinations(experts, tokens, 1).tolist() == [1, 1, 0, 1, 2, 0]
+    # Per-pair sources (each token's share owner): rank 2 keeps expert 0 and sends expert 1 to rank 0.
+    assert ep.destinations(experts, tokens, torch.tensor([2, 0, 2, 2, 2, 0])).tolist() == [2, 0, 0, 1, 2, 0]
     q = ExpertPlacement(4, 3, ((0, 1), (0, 2), (1, 3)))  # expert 1 on ranks 0 and 2, not here
     ep = EPExperts(q, _Rank(1, 3), hidden_size=2, intermediate_size=2)
-    dest = ep.destinations(torch.tensor([1] * 6), torch.arange(6))
+    dest = ep.destinations(torch.tensor([1] * 6), torch.arange(6), 1)
     assert dest.tolist() == [0, 2, 0, 2, 0, 2]
 
 
