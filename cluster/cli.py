@@ -93,7 +93,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         url = session.start()
         roles = f"{config.mixed} mixed" if config.mixed else f"{config.prefill} prefill + {config.decode} decode"
-        print(f"pdserve: serving {config.engine.model or 'the default model'} ({roles}, KV over "
+        eps = sorted({w["expert_parallel_size"] for w in session.workers})
+        ep = f", expert-parallel size {'/'.join(map(str, eps))}" if eps != [1] else ""
+        print(f"pdserve: serving {config.engine.model or 'the default model'} ({roles}{ep}, KV over "
               f"{config.kv_transport}) at {url}/v1", flush=True)
         while not stop.wait(0.5):
             pass
@@ -163,6 +165,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory-gb", type=float, default=None)
     p.add_argument("--no-enable-prefix-caching", action="store_true")
+    p.add_argument("--expert-parallel-size", type=int, default=None,
+                   help="MoE models: shard each prefill/mixed worker's experts over N ranks (N CPUs per worker; "
+                        "decode workers stay at 1); per worker: `workers:` in --config")
     p.add_argument("--log-level", default="INFO")
 
 

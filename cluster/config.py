@@ -6,7 +6,7 @@ spec of each worker and the Helm values (its JSON schema is exported from `Clust
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,6 +31,8 @@ class EngineArgs(_Strict):
     enable_prefix_caching: bool = True
     quantization: Literal["wint8", "wint4"] | None = None
     device: str = "cpu"
+    expert_parallel_size: int = Field(1, ge=1, description="MoE models: shard the routed experts over N ranks "
+                                      "(this process + N-1 children, one torch thread each)")
 
     def engine_kwargs(self) -> dict:
         return self.model_dump(exclude={"model"})
@@ -55,6 +57,29 @@ class WorkerSpec(_Strict):
     registry_ttl_seconds: float = Field(10.0, gt=0)
     num_threads: int = Field(1, gt=0, description="torch intra-op threads for this worker")
 
+    @model_validator(mode="after")
+    def _decode_ep(self) -> "WorkerSpec":
+        # Imported KV lands in rank 0's cache only, while every rank runs attention on its own
+        # replica: with two or more sequences in a batch the other ranks' token shares would
+        # route on wrong hidden states. Prefill and mixed EP workers compute their own KV.
+        if self.role == "decode" and self.engine.expert_parallel_size > 1:
+            raise ValueError("a decode worker cannot be expert-parallel yet (imported KV reaches rank 0 only); "
+                             "use expert_parallel_size 1 for decode workers")
+        return self
+
+    @property
+    def num_cpus(self) -> int:
+        """CPUs to reserve: rank 0's threads plus one per other rank of an expert-parallel group."""
+        return self.num_threads + self.engine.expert_parallel_size - 1
+
+
+class WorkerGroup(_Strict):
+    """`count` workers of one role with their own expert-parallel size (YAML `workers:`)."""
+
+    role: Role
+    count: int = Field(1, ge=1)
+    expert_parallel_size: int | None = Field(None, ge=1, description="None = engine.expert_parallel_size")
+
 
 class ClusterConfig(_Strict):
     """`pdserve serve` / `pdserve launch`: the whole cluster."""
@@ -76,17 +101,49 @@ class ClusterConfig(_Strict):
     reasoning_parser: Literal["think"] | None = None
     worker_threads: int = Field(1, gt=0)
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting one")
+    workers: tuple[WorkerGroup, ...] = Field(
+        (), description="explicit worker list (sets the prefill/decode/mixed counts); for per-worker EP sizes")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _counts_from_workers(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("workers"):
+            return data
+        groups = [WorkerGroup.model_validate(g) if isinstance(g, dict) else g for g in data["workers"]]
+        counts = {role: sum(g.count for g in groups if g.role == role) for role in ("prefill", "decode", "mixed")}
+        for role, n in counts.items():
+            if data.get(role) is not None and data[role] != n:
+                raise ValueError(f"{role}={data[role]} contradicts `workers`, which lists {n} {role} worker(s)")
+        return {**data, **counts}
 
     @model_validator(mode="after")
     def _roles(self) -> "ClusterConfig":
         if self.mixed == 0 and (self.prefill == 0 or self.decode == 0):
             raise ValueError("need --mixed N, or at least one prefill and one decode worker")
+        for g in self.workers:
+            if g.role == "decode" and (g.expert_parallel_size or 1) > 1:
+                raise ValueError("a decode worker cannot be expert-parallel yet (imported KV reaches rank 0 only)")
         return self
 
-    def worker_spec(self, role: Role, redis_url: str) -> WorkerSpec:
-        return WorkerSpec(role=role, engine=self.engine, host=self.host, redis_url=redis_url, cluster=self.cluster,
+    def worker_spec(self, role: Role, redis_url: str, expert_parallel_size: int | None = None) -> WorkerSpec:
+        """`expert_parallel_size` None = the engine's, except decode workers, which stay at 1
+        (see WorkerSpec): `--expert-parallel-size N` with P/D shards the prefill workers."""
+        ep = expert_parallel_size or (1 if role == "decode" else self.engine.expert_parallel_size)
+        engine = self.engine if ep == self.engine.expert_parallel_size else \
+            self.engine.model_copy(update={"expert_parallel_size": ep})
+        return WorkerSpec(role=role, engine=engine, host=self.host, redis_url=redis_url, cluster=self.cluster,
                           kv_transport=self.kv_transport, kv_failure_policy=self.kv_failure_policy,
                           kv_lease_seconds=self.kv_lease_seconds, num_threads=self.worker_threads)
+
+    def worker_specs(self, redis_url: str) -> list[WorkerSpec]:
+        """Every worker to start, in start order."""
+        if self.workers:
+            return [self.worker_spec(g.role, redis_url, g.expert_parallel_size) for g in self.workers
+                    for _ in range(g.count)]
+        roles: list[Role] = ["mixed"] * self.mixed
+        if self.prefill and self.decode:
+            roles += ["prefill"] * self.prefill + ["decode"] * self.decode
+        return [self.worker_spec(role, redis_url) for role in roles]
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "ClusterConfig":

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 class ServeSession:
     config: ClusterConfig
     redis_url: str = ""
-    workers: list[dict] = field(default_factory=list)  # {worker_id, address, role, pid}
+    workers: list[dict] = field(default_factory=list)  # {worker_id, address, role, pid, expert_parallel_size}
     actors: list[Any] = field(default_factory=list)
     _embedded: Any = None
     _started_ray: bool = False
@@ -52,10 +52,11 @@ class ServeSession:
         if c.ray_address:
             ray.init(address=c.ray_address, logging_level=logging.WARNING)
         else:
-            workers = c.prefill + c.decode + c.mixed
+            # Every rank of an expert-parallel worker runs one torch thread of its own.
+            cpus = sum(spec.num_cpus for spec in c.worker_specs(self.redis_url))
             # A short path: Ray's unix sockets live under it and have a ~100 character limit.
             self._ray_tmp = tempfile.mkdtemp(prefix="pdray-", dir="/tmp")
-            ray.init(num_cpus=workers * c.worker_threads, include_dashboard=False, _temp_dir=self._ray_tmp,
+            ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=self._ray_tmp,
                      logging_level=logging.WARNING, log_to_driver=False)
         self._started_ray = True
 
@@ -65,15 +66,16 @@ class ServeSession:
         from cluster.worker.actor import WorkerActor
 
         c = self.config
-        roles = ["prefill"] * c.prefill + ["decode"] * c.decode + ["mixed"] * c.mixed
-        if c.mixed:
-            roles = ["mixed"] * c.mixed + (["prefill"] * c.prefill + ["decode"] * c.decode if c.prefill and c.decode else [])
-        for role in roles:
-            spec = c.worker_spec(role, self.redis_url)
-            self.actors.append(WorkerActor.options(num_cpus=c.worker_threads).remote(spec.model_dump()))
+        specs = c.worker_specs(self.redis_url)
+        if c.engine.expert_parallel_size > 1 and not c.workers and c.decode and not c.mixed:
+            logger.info("decode workers run with expert_parallel_size 1 (KV import into an EP group is not "
+                        "supported yet); prefill workers use %d", c.engine.expert_parallel_size)
+        for spec in specs:
+            self.actors.append(WorkerActor.options(num_cpus=spec.num_cpus).remote(spec.model_dump()))
         self.workers = ray.get([a.start.remote() for a in self.actors], timeout=timeout_s)
         for w in self.workers:
-            logger.info("worker %s (%s) at %s, pid %s", w["worker_id"], w["role"], w["address"], w["pid"])
+            logger.info("worker %s (%s, EP %d) at %s, pid %s", w["worker_id"], w["role"], w["expert_parallel_size"],
+                        w["address"], w["pid"])
         return self.workers
 
     def start_router(self, port: int | None = None) -> str:

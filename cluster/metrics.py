@@ -3,7 +3,8 @@
 Router-side (measured where the client sees them): time to first token, inter-token latency,
 end-to-end latency, queue time, prompt and generation token counters, finished requests by
 reason. Worker-side: a collector that, on each scrape, turns the latest `StatsResponse` of every
-worker into per-worker series (labels `worker`, `role`). The /metrics handler awaits
+worker into per-worker series (labels `worker`, `role`; per-expert token counts of MoE models
+add `layer` and `expert`). The /metrics handler awaits
 `backend.worker_stats()` first and hands the result over, because collectors are synchronous.
 
 `pdserve:request_queue_time_seconds` is an approximation: the Backend protocol does not report
@@ -48,6 +49,7 @@ _WORKER_GAUGES = (
     ("pdserve:queued_prefill_tokens", "queued_prefill_tokens", "Prompt tokens queued for prefill."),
     ("pdserve:kv_active_leases", "num_active_leases", "KV leases held for decode workers to pull."),
     ("pdserve:worker_epoch", "epoch", "The worker's role epoch."),
+    ("pdserve:expert_parallel_size", "expert_parallel_size", "Ranks in the worker's expert-parallel group."),
 )
 _WORKER_COUNTERS = (
     ("pdserve:prefix_cache_queries", "prefix_cache_queries", "Prefix cache lookups, in blocks."),
@@ -80,6 +82,10 @@ class WorkerStatsCollector:
         counters = {name: CounterMetricFamily(name, doc, labels=labels) for name, _, doc in _WORKER_COUNTERS}
         usage = GaugeMetricFamily("pdserve:kv_cache_usage_perc", "KV cache usage (1 = full).", labels=labels)
         role_g = GaugeMetricFamily("pdserve:worker_role", "1 for the worker's current role.", labels=labels)
+        # A counter (monotonic since the worker loaded, reset when it restarts), one series per expert.
+        experts = CounterMetricFamily("pdserve:expert_tokens", "Tokens routed to each expert of each MoE layer "
+                                      "(layer = index among the MoE layers) since the worker loaded.",
+                                      labels=labels + ["layer", "expert"])
         for s in self.latest:
             key = [s.worker_id, ROLE_NAMES.get(s.role, "unspecified")]
             for name, field, _ in _WORKER_GAUGES:
@@ -89,10 +95,14 @@ class WorkerStatsCollector:
             usage.add_metric(key, 1.0 - s.num_free_blocks / s.num_blocks if s.num_blocks else 0.0)
             for role in ("prefill", "decode", "mixed"):
                 role_g.add_metric([s.worker_id, role], 1.0 if role == key[1] else 0.0)
+            for load in s.expert_load:
+                for expert, tokens in enumerate(load.tokens):
+                    experts.add_metric(key + [str(load.layer), str(expert)], float(tokens))
         yield from gauges.values()
         yield from counters.values()
         yield usage
         yield role_g
+        yield experts
 
 
 class RouterMetrics:

@@ -7,6 +7,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Collection, Iterable, Sequence
 from contextlib import contextmanager
 
 from cluster.config import ClusterConfig, EngineArgs
@@ -53,6 +54,25 @@ def running_cluster(config: ClusterConfig, redis_url: str):
         session.stop()
 
 
+@contextmanager
+def running_clusters(configs: Sequence[ClusterConfig], redis_url: str):
+    """Several `running_cluster`s brought up at once (start-up is mostly process spawns and imports,
+    which overlap); yields their sessions in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer  # noqa: F401 - its lazy import is not thread-safe
+
+    managers = [running_cluster(c, redis_url) for c in configs]
+    with ThreadPoolExecutor(len(managers)) as pool:
+        futures = [pool.submit(m.__enter__) for m in managers]
+    entered = [m for m, f in zip(managers, futures) if f.exception() is None]
+    try:
+        yield [f.result() for f in futures]  # raises the first start-up error
+    finally:
+        for m in reversed(entered):
+            m.__exit__(None, None, None)
+
+
 def wait_ready(url: str, timeout: float = 60.0) -> None:
     import httpx
 
@@ -69,14 +89,17 @@ def wait_ready(url: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"router at {url} not ready: {getattr(last, 'text', last)}")
 
 
-def worker_leaks(session, timeout: float = 10.0) -> list[str]:
-    """Poll every worker's leak check until clean or timeout (aborts and releases are asynchronous)."""
+def worker_leaks(session, timeout: float = 10.0, skip: Collection[str] = ()) -> list[str]:
+    """Poll every worker's leak check until clean or timeout (aborts and releases are asynchronous).
+    Workers named in `skip` (e.g. one whose engine was made to fail) are left out."""
     import ray
 
     deadline = time.monotonic() + timeout
     while True:
         problems = []
         for w, actor in zip(session.workers, session.actors):
+            if w["worker_id"] in skip:
+                continue
             problems += [f"{w['worker_id']}: {p}" for p in ray.get(actor.leaks.remote(), timeout=30)]
         if not problems or time.monotonic() > deadline:
             return problems
@@ -107,3 +130,30 @@ def stream_then_disconnect(base_url: str, body: dict, api_key: str, events: int 
                 seen += line.startswith("data: ")
                 if seen >= events:
                     return
+
+
+def ep_rank_pids(session) -> dict[str, list[int]]:
+    """Pids of the expert-parallel ranks 1..N-1 of each worker, by worker id ([] for EP=1)."""
+    import ray
+
+    return {w["worker_id"]: ray.get(a.ep_pids.remote(), timeout=30) for w, a in zip(session.workers, session.actors)}
+
+
+def pid_running(pid: int) -> bool:
+    """True while the process exists and is not a zombie (exited, awaiting its parent's wait)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+def pids_still_running(pids: Iterable[int], timeout: float = 15.0) -> list[int]:
+    """Wait up to `timeout` for every pid to end; returns those still running (leaked processes)."""
+    pids = list(pids)
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if pid_running(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)

@@ -6,7 +6,8 @@
    and streams the rest;
 4. on early exit (client gone) abort on both workers; a worker that is unreachable is marked
    down and the step is retried once elsewhere before the client sees an error.
-With only `mixed` workers, one `Generate` call does it all.
+With only `mixed` workers, one `Generate` call does it all (retried once elsewhere likewise, if
+the worker failed before streaming anything).
 """
 from __future__ import annotations
 
@@ -194,23 +195,33 @@ class ClusterBackend:
                         self._abort_later(p_conn, rid)
 
     async def _colocated(self, request: GenerationRequest) -> AsyncIterator[worker_pb2.TokenChunk]:
-        conn = await self._pick_prefill(request, "mixed", set())
-        conn.inflight += 1
-        call = conn.stub.Generate(self._generate_pb(request, conn.info.epoch))
-        finished = False
-        try:
-            async for chunk in call:
-                finished = bool(chunk.finish_reason)
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self.pool.mark_down(conn.info.worker_id)
-            raise _error(exc, conn) from exc
-        finally:
-            conn.inflight -= 1
-            if not finished:
-                call.cancel()
-                self._abort_later(conn, request.request_id)
+        tried: set[str] = set()
+        while True:
+            conn = await self._pick_prefill(request, "mixed", tried)
+            conn.inflight += 1
+            call = conn.stub.Generate(self._generate_pb(request, conn.info.epoch))
+            finished = got_any = retry = False
+            try:
+                async for chunk in call:
+                    got_any = True
+                    finished = bool(chunk.finish_reason)
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                # Nothing streamed yet (e.g. the worker's engine failed while it was queued): another
+                # mixed worker can run it from the start, as _prefill does.
+                retry = exc.code() in _RETRYABLE and not got_any and not tried
+                if not retry:
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        self.pool.mark_down(conn.info.worker_id)
+                    raise _error(exc, conn) from exc
+                tried.add(conn.info.worker_id)
+                await self._after_failure(conn, exc)
+            finally:
+                conn.inflight -= 1
+                if not finished:
+                    call.cancel()
+                    self._abort_later(conn, request.request_id)
 
     # ----- helpers -----
     async def _after_failure(self, conn: WorkerConn, exc: grpc.aio.AioRpcError) -> None:

@@ -1,7 +1,9 @@
 """WorkerPool: the router's view of the workers (from the Redis registry) and its gRPC channels.
 
 The registry is re-read at most every `refresh_s`; a worker that fails a call is marked down
-locally at once so the next request goes elsewhere. In-flight counts are the router's own.
+locally at once so the next request goes elsewhere. In-flight counts are the router's own. The
+channel of a worker that left the registry is closed once no call of ours is in flight on it
+(closing it earlier would cancel those calls instead of letting them fail or finish).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class WorkerPool:
     _refreshed: float = 0.0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _background: asyncio.Task | None = None
+    _retired: list[WorkerConn] = field(default_factory=list)  # gone from the registry, calls in flight
 
     async def refresh(self, force: bool = False) -> None:
         """Re-read the registry when stale. Once a view exists, the re-read runs in the background so
@@ -69,7 +72,14 @@ class WorkerPool:
             infos = {w.worker_id: w for w in await self.store.list_workers()}
             for wid in list(self.conns):
                 if wid not in infos or infos[wid].address != self.conns[wid].info.address:
-                    await self.conns.pop(wid).channel.close()
+                    self._retired.append(self.conns.pop(wid))
+            busy = []
+            for conn in self._retired:
+                if conn.inflight:
+                    busy.append(conn)
+                else:
+                    await conn.channel.close()
+            self._retired = busy
             for wid, info in infos.items():
                 conn = self.conns.get(wid)
                 if conn is None:
@@ -93,6 +103,7 @@ class WorkerPool:
     async def close(self) -> None:
         if self._background is not None:
             self._background.cancel()
-        for conn in self.conns.values():
+        for conn in [*self.conns.values(), *self._retired]:
             await conn.channel.close()
         self.conns.clear()
+        self._retired.clear()

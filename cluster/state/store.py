@@ -113,6 +113,7 @@ class WorkerInfo:
     heartbeat_ts: float = 0.0
     ready: bool = True
     started_ts: float = 0.0
+    expert_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -133,6 +134,7 @@ class WorkerInfo:
             "heartbeat_ts": repr(float(self.heartbeat_ts)),
             "ready": "1" if self.ready else "0",
             "started_ts": repr(float(self.started_ts)),
+            "expert_parallel_size": str(int(self.expert_parallel_size)),
         }
 
     @classmethod
@@ -149,6 +151,7 @@ class WorkerInfo:
             heartbeat_ts=float(h.get("heartbeat_ts", 0.0)),
             ready=h.get("ready", "0") == "1",
             started_ts=float(h.get("started_ts", 0.0)),
+            expert_parallel_size=int(h.get("expert_parallel_size", 1)),
         )
 
 

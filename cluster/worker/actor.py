@@ -29,13 +29,13 @@ class WorkerActor:
         self.runtime = None
 
     async def start(self) -> dict:
-        """Load the model, serve gRPC, register; returns {worker_id, address, role, pid}."""
+        """Load the model, serve gRPC, register; returns {worker_id, address, role, pid, expert_parallel_size}."""
         from cluster.worker.runtime import WorkerRuntime
 
         self.runtime = WorkerRuntime(self.spec)
         await self.runtime.start()
         return {"worker_id": self.runtime.worker_id, "address": self.runtime.address, "role": self.runtime.role,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "expert_parallel_size": self.runtime.ep_size}
 
     async def stop(self) -> None:
         if self.runtime is not None:
@@ -60,3 +60,7 @@ class WorkerActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def ep_pids(self) -> list[int]:
+        """Pids of ranks 1..N-1 of the worker's expert-parallel group ([] for EP=1)."""
+        return list(self.runtime.ep_pids) if self.runtime is not None else []

@@ -4,6 +4,11 @@ The engine is not thread-safe, so every touch of it (adding, aborting, KV seam c
 on the loop thread between steps as a command; callers `await` the result. Outputs go to one
 asyncio queue per request. With nothing to do the thread blocks on its command queue (no
 polling), so an idle worker uses no CPU.
+
+A step that raises (e.g. `EPGroupError`: a rank of an expert-parallel group died) ends the loop:
+`on_dead` is told, every in-flight request and queued command fails at once with `EngineDead`
+naming the cause, later calls are refused, and the engine is closed (stopping its ranks), as it
+is on a clean stop.
 """
 from __future__ import annotations
 
@@ -28,6 +33,15 @@ class EngineDead(RuntimeError):
     """The engine thread stopped (shutdown or a failed step); in-flight requests fail with this."""
 
 
+class _Fail:
+    """A command that ends the loop as if a step had raised `exc` (a failure seen from outside)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
 class _Sink:
     __slots__ = ("loop", "queue")
 
@@ -45,11 +59,17 @@ class _Sink:
 class EngineLoop:
     """`call(fn)` runs fn(engine) on the engine thread; `generate(...)` streams a request's outputs."""
 
-    def __init__(self, engine: LLMEngine, name: str = "engine-loop") -> None:
+    def __init__(self, engine: LLMEngine, name: str = "engine-loop",
+                 on_dead: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
         self._cmds: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}  # touched only on the engine thread
         self._dead: BaseException | None = None
+        # Guards `_dead` against enqueueing: a command put after the dying thread drained the
+        # queue would never be answered.
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None  # what killed the loop (None: running or stopped cleanly)
+        self.on_dead = on_dead  # called on the engine thread when a failure ends the loop
         self.steps = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -57,16 +77,24 @@ class EngineLoop:
     # ----- asyncio side -----
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run `fn(engine)` on the engine thread; its exception (e.g. ValueError) is raised here."""
-        if self._dead is not None:
-            raise EngineDead(f"engine loop is not running: {self._dead}")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._cmds.put((fn, loop, fut))
+        self._put((fn, loop, fut))
         return await fut
 
     def call_nowait(self, fn: Callable[[LLMEngine], Any]) -> None:
-        """Fire and forget (for cleanup paths that cannot await, e.g. a cancelled generator)."""
-        self._cmds.put((fn, None, None))
+        """Fire and forget (for cleanup paths that cannot await, e.g. a cancelled generator); a
+        no-op once the loop is dead (it already dropped every request)."""
+        try:
+            self._put((fn, None, None))
+        except EngineDead:
+            pass
+
+    def _put(self, cmd: Any) -> None:
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDead(f"engine loop is not running: {self._dead}")
+            self._cmds.put(cmd)
 
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, *, hold_kv: bool = False
@@ -138,9 +166,15 @@ class EngineLoop:
             sink.put(asyncio.CancelledError(f"request {request_id} aborted"))
         return known
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the thread (it closes the engine); False if it is still running after `timeout`."""
         self._cmds.put(_STOP)
         self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the loop with `exc`, as if a step had raised it (after the step in progress)."""
+        self._cmds.put(_Fail(exc))
 
     @property
     def alive(self) -> bool:
@@ -159,10 +193,24 @@ class EngineLoop:
                     self._dispatch(outputs)
         except BaseException as exc:  # noqa: BLE001 - a dead loop must fail every waiter, whatever killed it
             logger.exception("engine loop died")
-            self._dead = exc
+            self.error = exc
+            dead: BaseException = EngineDead(f"engine failed: {exc}")
         else:
-            self._dead = EngineDead("engine loop stopped")
-        self._fail_all(EngineDead(f"engine loop stopped: {self._dead}"))
+            dead = EngineDead("engine loop stopped")
+        with self._lock:
+            self._dead = dead
+        # Told before the waiters fail, so a worker already reports itself failed when its
+        # requests see the error.
+        if self.error is not None and self.on_dead is not None:
+            try:
+                self.on_dead(self.error)
+            except Exception:  # noqa: BLE001 - failing the waiters and closing the engine must still happen
+                logger.exception("engine failure callback failed")
+        self._fail_all(dead)
+        try:
+            self.engine.close()  # stops the ranks of an expert-parallel group
+        except Exception:  # noqa: BLE001 - nothing more to do for a dying engine
+            logger.exception("closing the engine failed")
 
     def _run_commands(self, block: bool) -> bool:
         while True:
@@ -173,6 +221,8 @@ class EngineLoop:
             block = False
             if cmd is _STOP:
                 return False
+            if isinstance(cmd, _Fail):
+                raise cmd.exc
             fn, loop, fut = cmd
             try:
                 result, error = fn(self.engine), None
@@ -205,7 +255,7 @@ class EngineLoop:
                 cmd = self._cmds.get_nowait()
             except queue.Empty:
                 return
-            if cmd is not _STOP and cmd[2] is not None:
+            if cmd is not _STOP and not isinstance(cmd, _Fail) and cmd[2] is not None:
                 try:
                     cmd[1].call_soon_threadsafe(_resolve, cmd[2], None, exc)
                 except RuntimeError:

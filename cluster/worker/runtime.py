@@ -4,11 +4,18 @@ Start order: engine -> KV region (NIXL registration) -> gRPC server (Worker + KV
 register in Redis. Then a housekeeping task every heartbeat: reap expired leases, heartbeat the
 load, and (decode/mixed roles) handshake with prefill peers that appeared in the registry, so
 connection set-up never lands on a request's path. Stop reverses it and leaves nothing behind.
+
+An expert-parallel worker (`engine.expert_parallel_size` N > 1) is rank 0 of its group, with the
+other ranks as child processes. If its engine fails (a rank died: the step in progress raises,
+or housekeeping sees the rank's process gone while idle), the worker fails every request at once
+with UNAVAILABLE, deregisters so routers stop picking it, and refuses new requests; Health says
+why. It does not restart itself: whoever runs the actor replaces it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 
@@ -23,13 +30,30 @@ from cluster.kv.service import KVServicer
 from cluster.rpc import GRPC_OPTIONS
 from cluster.state.prefix import prefix_block_hashes
 from cluster.state.store import Store, WorkerInfo, WorkerLoad
-from cluster.worker.engine_loop import EngineLoop
+from cluster.worker.engine_loop import EngineDead, EngineLoop
 from cluster.worker.service import ROLE_PB, WorkerServicer
 from cluster.worker.stats import stats_response
 from engine.llm_engine import LLMEngine
 from pdserve.v1 import kv_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
+
+
+def _pid_alive(pid: int) -> bool:
+    """False for a process that is gone or a zombie (a killed child nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # The state follows the parenthesised command name, which may itself contain spaces.
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: only existence can be checked
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
 
 class WorkerRuntime:
     def __init__(self, spec: WorkerSpec) -> None:
@@ -38,6 +62,9 @@ class WorkerRuntime:
         self.role = spec.role
         self.epoch = 1
         self.draining = False
+        self.failure: str | None = None  # why the engine failed; the worker then serves nothing
+        self.ep_size = spec.engine.expert_parallel_size
+        self.ep_pids: list[int] = []
         self.started_ts = time.time()
         self.address = ""
         self.kv_counters = KVCounters()
@@ -53,10 +80,22 @@ class WorkerRuntime:
     async def start(self) -> None:
         spec = self.spec
         engine = await asyncio.to_thread(LLMEngine.from_args, spec.engine.model, **spec.engine.engine_kwargs())
+        if self.ep_size > 1:
+            self.ep_pids = list(engine.runner.group.pids)
+            logger.info("worker %s: expert-parallel group of %d, rank pids %s", self.worker_id, self.ep_size,
+                        self.ep_pids)
         self.block_size = engine.config.cache.block_size
         self.model_name = engine.config.model.path
         self.layout = KVLayout.from_engine_config(engine.config)
-        self.loop = EngineLoop(engine, name=f"engine-{self.worker_id}")
+        aio = asyncio.get_running_loop()
+
+        def on_dead(exc: BaseException) -> None:  # on the engine thread
+            try:
+                aio.call_soon_threadsafe(self._engine_failed, exc)
+            except RuntimeError:  # the event loop is closed: the worker is going away anyway
+                pass
+
+        self.loop = EngineLoop(engine, name=f"engine-{self.worker_id}", on_dead=on_dead)
         kv_caches = engine.runner.kv_caches
         self.receiver = KVReceiver(self.worker_id, self.layout, kv_caches, spec.kv_transport, self.kv_counters,
                                    timeout_s=spec.kv_timeout_seconds)
@@ -87,7 +126,33 @@ class WorkerRuntime:
         if self._server is not None:
             await self._server.stop(grace=1.0)
         await self.receiver.close()
-        await asyncio.to_thread(self.loop.stop)
+        # The engine thread closes the engine (and with it the ranks of an EP group) on its way out.
+        if not await asyncio.to_thread(self.loop.stop):
+            logger.warning("worker %s: engine thread did not stop; closing the engine from here", self.worker_id)
+            await asyncio.to_thread(self.loop.engine.close)
+
+    def _engine_failed(self, exc: BaseException) -> None:
+        """The engine loop died (its requests already failed): stop being routable, at once."""
+        if self.failure is not None:
+            return
+        self.failure = f"engine failed: {exc}"
+        logger.error("worker %s: %s; deregistering (requests now get UNAVAILABLE)", self.worker_id, self.failure)
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()  # it would heartbeat (and so re-register) the worker
+        self._spawn(self._deregister_failed())
+
+    async def _deregister_failed(self) -> None:
+        try:
+            await self.store.deregister(self.worker_id)
+        except Exception as exc:  # noqa: BLE001 - without a heartbeat the registration expires anyway
+            logger.warning("deregistering failed worker %s: %s", self.worker_id, exc)
+
+    def _check_ranks(self) -> None:
+        """An idle EP worker notices a dead rank here rather than on the next request's step."""
+        dead = [(rank, pid) for rank, pid in enumerate(self.ep_pids, start=1) if not _pid_alive(pid)]
+        if dead and self.loop.alive:
+            what = "; ".join(f"expert-parallel rank {rank} (pid {pid}) is gone" for rank, pid in dead)
+            self.loop.fail(EngineDead(f"expert-parallel group failed: {what}"))
 
     # ----- used by the services -----
     async def _release_blocks(self, request_id: str) -> None:
@@ -97,11 +162,17 @@ class WorkerRuntime:
             except ValueError:  # aborted meanwhile: its blocks are already free
                 pass
 
-        await self.loop.call(release)
+        try:
+            await self.loop.call(release)
+        except EngineDead:  # a failed engine serves nothing more: nothing to unpin
+            pass
 
     async def abort(self, request_id: str) -> bool:
         leased = self.leases.release(request_id)
-        found = await self.loop.abort(request_id)
+        try:
+            found = await self.loop.abort(request_id)
+        except EngineDead:  # the engine already dropped every request
+            found = False
         return found or leased
 
     def publish_prefix(self, prompt_token_ids: list[int]) -> None:
@@ -109,19 +180,22 @@ class WorkerRuntime:
         if hashes:
             self._spawn(self.store.publish_prefix(self.worker_id, hashes))
 
-    async def stats(self) -> worker_pb2.StatsResponse:
+    async def stats(self, expert_load: bool = True) -> worker_pb2.StatsResponse:
+        """The worker's counters; `expert_load` adds the per-expert token counts (MoE models)."""
         def read(engine: LLMEngine):
             queued = sum(r.num_prompt_tokens - r.num_computed_tokens for r in engine.scheduler.waiting
                          if r.num_computed_tokens < r.num_prompt_tokens)
-            return engine.stats(), queued
+            counts = [c.tolist() for c in engine.runner.expert_counts(total=True)] if expert_load else []
+            return engine.stats(), queued, counts
 
-        s, queued = await self.loop.call(read)
+        s, queued, counts = await self.loop.call(read)
         return stats_response(self.worker_id, ROLE_PB[self.role], self.epoch, s, self.kv_counters,
-                              num_active_leases=len(self.leases), queued_prefill_tokens=queued)
+                              num_active_leases=len(self.leases), queued_prefill_tokens=queued,
+                              expert_parallel_size=self.ep_size, expert_load=counts)
 
     # ----- housekeeping -----
     async def _load(self) -> WorkerLoad:
-        s = await self.stats()
+        s = await self.stats(expert_load=False)
         return WorkerLoad(num_running=s.num_requests_running, num_waiting=s.num_requests_waiting,
                           num_free_blocks=s.num_free_blocks, num_blocks=s.num_blocks,
                           queued_prefill_tokens=s.queued_prefill_tokens, prefix_cache_hits=s.prefix_cache_hits,
@@ -130,18 +204,20 @@ class WorkerRuntime:
     def _info(self, load: WorkerLoad) -> WorkerInfo:
         return WorkerInfo(worker_id=self.worker_id, address=self.address, role=self.role, epoch=self.epoch,
                           model=self.model_name, layout_hash=self.layout.hash(), transport=self.spec.kv_transport,
-                          load=load, heartbeat_ts=time.time(), ready=not self.draining, started_ts=self.started_ts)
+                          load=load, heartbeat_ts=time.time(), ready=not self.draining, started_ts=self.started_ts,
+                          expert_parallel_size=self.ep_size)
 
     async def _housekeep(self) -> None:
         while True:
             try:
+                self._check_ranks()
                 await self.kv_service.reap(time.time())
                 load = await self._load()
                 if not await self.store.heartbeat(self.worker_id, load, ready=not self.draining,
                                                   ttl_s=self.spec.registry_ttl_seconds):
                     await self.store.register_worker(self._info(load), ttl_s=self.spec.registry_ttl_seconds)
-                if self.role in ("decode", "mixed"):
-                    await self._connect_peers()
+                if self.role == "decode" or (self.role == "mixed" and self.ep_size == 1):
+                    await self._connect_peers()  # an EP group takes no KV (see WorkerServicer.Decode)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep heartbeating through transient Redis errors

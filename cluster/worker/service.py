@@ -9,10 +9,13 @@ Decode side (role decode or mixed):
   2. pull the blocks it lacks from the prefill worker (NIXL READ or gRPC stream), Release there;
   3. continue from the first token and stream the tokens after it.
 A failed pull ends the request (`fail`) or recomputes the prompt here (`recompute`, counted).
+A failed engine (e.g. a dead expert-parallel rank) ends every request with UNAVAILABLE and a
+message naming the cause, so the router retries those that have not streamed anything yet.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import replace
@@ -41,6 +44,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     # ----- checks -----
     async def _admit(self, ctx: grpc.aio.ServicerContext, epoch: int, roles: tuple[str, ...], what: str) -> None:
         rt = self.rt
+        if rt.failure is not None:
+            await ctx.abort(grpc.StatusCode.UNAVAILABLE, f"worker {rt.worker_id} is out of service: {rt.failure}")
         if rt.draining:
             await ctx.abort(grpc.StatusCode.UNAVAILABLE, f"worker {rt.worker_id} is shutting down")
         if rt.role not in roles:
@@ -70,7 +75,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineDead as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await self._unavailable(context, exc)
         first = output_to_chunk(last, params.logprobs)
         resp = worker_pb2.PrefillResponse(first=first, prefill_seconds=time.monotonic() - t0)
         if not last.kv_held:
@@ -79,6 +84,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             block_ids = await rt.loop.call(lambda e: e.held_kv_blocks(rid))
         except ValueError:  # aborted between the last step and now
             await context.abort(grpc.StatusCode.ABORTED, f"request {rid} was aborted during prefill")
+        except EngineDead as exc:
+            await self._unavailable(context, exc)
         except asyncio.CancelledError:  # the caller went away before the blocks got a lease
             rt.loop.abort_nowait(rid)
             raise
@@ -93,8 +100,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     # ----- decode -----
     async def Decode(self, request: worker_pb2.DecodeRequest, context) -> AsyncIterator[worker_pb2.TokenChunk]:
+        # aclosing: a client that goes away must run _decode's cleanup now, not at garbage collection.
+        async with contextlib.aclosing(self._decode(request, context)) as chunks:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except EngineDead as exc:
+                await self._unavailable(context, exc)
+
+    async def _decode(self, request: worker_pb2.DecodeRequest, context) -> AsyncIterator[worker_pb2.TokenChunk]:
         g = request.request
         await self._admit(context, g.epoch, ("decode", "mixed"), "Decode")
+        if self.rt.ep_size > 1:
+            # Imported KV would reach rank 0's cache only; the other ranks attend over their own.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"worker {self.rt.worker_id} is expert-parallel ({self.rt.ep_size} ranks) and "
+                                "cannot take imported KV")
         params = await self._params(context, g)
         rt, rid, handle = self.rt, g.request_id, request.handle
         if handle.layout_hash != rt.layout.hash():
@@ -159,7 +180,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineDead as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await self._unavailable(context, exc)
+
+    async def _unavailable(self, ctx: grpc.aio.ServicerContext, exc: EngineDead) -> None:
+        await ctx.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.rt.worker_id}: {exc}")
 
     # ----- control -----
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
@@ -168,12 +192,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Health(self, request, context) -> worker_pb2.HealthResponse:
         rt = self.rt
-        ready = rt.loop.alive and not rt.draining
+        ready = rt.loop.alive and not rt.draining and rt.failure is None
+        message = "ready" if ready else rt.failure or ("draining" if rt.draining else "engine stopped")
         return worker_pb2.HealthResponse(ready=ready, role=ROLE_PB[rt.role], epoch=rt.epoch, worker_id=rt.worker_id,
-                                         message="ready" if ready else "engine stopped or draining")
+                                         message=message)
 
     async def Stats(self, request, context) -> worker_pb2.StatsResponse:
-        return await self.rt.stats()
+        try:
+            return await self.rt.stats()
+        except EngineDead as exc:
+            await self._unavailable(context, exc)
+            raise  # unreachable: abort raises
 
     async def SetRole(self, request, context) -> worker_pb2.SetRoleResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,

@@ -1,13 +1,17 @@
 """StatsResponse assembly from the engine's and the KV layer's counters."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from engine.llm_engine import EngineStats
 from pdserve.v1 import worker_pb2
 
 
 def stats_response(worker_id: str, role: int, epoch: int, s: EngineStats, kv=None, *, num_active_leases: int = 0,
-                   queued_prefill_tokens: int = 0, role_switches_total: int = 0) -> worker_pb2.StatsResponse:
-    """`kv` is a cluster.kv.counters.KVCounters (None for a worker that moves no KV)."""
+                   queued_prefill_tokens: int = 0, role_switches_total: int = 0, expert_parallel_size: int = 1,
+                   expert_load: Sequence[Sequence[int]] = ()) -> worker_pb2.StatsResponse:
+    """`kv` is a cluster.kv.counters.KVCounters (None for a worker that moves no KV); `expert_load`
+    holds, per MoE layer, the tokens routed to each expert since load."""
     msg = worker_pb2.StatsResponse(
         worker_id=worker_id, role=role, epoch=epoch, num_requests_running=s.num_running,
         num_requests_waiting=s.num_waiting, num_holding_kv=s.num_holding_kv, num_waiting_for_kv=s.num_waiting_for_kv,
@@ -15,7 +19,8 @@ def stats_response(worker_id: str, role: int, epoch: int, s: EngineStats, kv=Non
         prefix_cache_hits=s.prefix_cache_hits, prompt_tokens_total=s.prompt_tokens_total,
         generation_tokens_total=s.generation_tokens_total, num_preemptions=s.num_preemptions,
         queued_prefill_tokens=queued_prefill_tokens, num_active_leases=num_active_leases,
-        role_switches_total=role_switches_total,
+        role_switches_total=role_switches_total, expert_parallel_size=expert_parallel_size,
+        expert_load=[worker_pb2.ExpertLoad(layer=i, tokens=list(counts)) for i, counts in enumerate(expert_load)],
     )
     if kv is not None:
         msg.kv_transfers_total = kv.transfers_total

@@ -171,7 +171,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "role", "epoch", "num_requests_running", "num_requests_waiting", "num_holding_kv", "num_waiting_for_kv", "num_free_blocks", "num_blocks", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_total", "generation_tokens_total", "num_preemptions", "queued_prefill_tokens", "kv_transfers_total", "kv_transfer_bytes_total", "kv_transfer_seconds_total", "kv_transfer_failures_total", "kv_lease_expired_total", "kv_recompute_total", "kv_blocks_skipped_total", "kv_blocks_served_total", "num_active_leases", "role_switches_total")
+    __slots__ = ("worker_id", "role", "epoch", "num_requests_running", "num_requests_waiting", "num_holding_kv", "num_waiting_for_kv", "num_free_blocks", "num_blocks", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_total", "generation_tokens_total", "num_preemptions", "queued_prefill_tokens", "kv_transfers_total", "kv_transfer_bytes_total", "kv_transfer_seconds_total", "kv_transfer_failures_total", "kv_lease_expired_total", "kv_recompute_total", "kv_blocks_skipped_total", "kv_blocks_served_total", "num_active_leases", "role_switches_total", "expert_parallel_size", "expert_load")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,8 @@ class StatsResponse(_message.Message):
     KV_BLOCKS_SERVED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
     ROLE_SWITCHES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     epoch: int
@@ -222,7 +224,17 @@ class StatsResponse(_message.Message):
     kv_blocks_served_total: int
     num_active_leases: int
     role_switches_total: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_holding_kv: _Optional[int] = ..., num_waiting_for_kv: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfer_failures_total: _Optional[int] = ..., kv_lease_expired_total: _Optional[int] = ..., kv_recompute_total: _Optional[int] = ..., kv_blocks_skipped_total: _Optional[int] = ..., kv_blocks_served_total: _Optional[int] = ..., num_active_leases: _Optional[int] = ..., role_switches_total: _Optional[int] = ...) -> None: ...
+    expert_parallel_size: int
+    expert_load: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_holding_kv: _Optional[int] = ..., num_waiting_for_kv: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfer_failures_total: _Optional[int] = ..., kv_lease_expired_total: _Optional[int] = ..., kv_recompute_total: _Optional[int] = ..., kv_blocks_skipped_total: _Optional[int] = ..., kv_blocks_served_total: _Optional[int] = ..., num_active_leases: _Optional[int] = ..., role_switches_total: _Optional[int] = ..., expert_parallel_size: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ...) -> None: ...
+
+class ExpertLoad(_message.Message):
+    __slots__ = ("layer", "tokens")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
     __slots__ = ("role", "expected_epoch")
