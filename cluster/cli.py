@@ -166,8 +166,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-gb", type=float, default=None)
     p.add_argument("--no-enable-prefix-caching", action="store_true")
     p.add_argument("--expert-parallel-size", type=int, default=None,
-                   help="MoE models: shard each prefill/mixed worker's experts over N ranks (N CPUs per worker; "
-                        "decode workers stay at 1); per worker: `workers:` in --config")
+                   help="MoE models: shard each worker's experts over N ranks (N CPUs per worker); "
+                        "per worker: `workers:` in --config")
     p.add_argument("--log-level", default="INFO")
 
 

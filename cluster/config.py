@@ -57,16 +57,6 @@ class WorkerSpec(_Strict):
     registry_ttl_seconds: float = Field(10.0, gt=0)
     num_threads: int = Field(1, gt=0, description="torch intra-op threads for this worker")
 
-    @model_validator(mode="after")
-    def _decode_ep(self) -> "WorkerSpec":
-        # Imported KV lands in rank 0's cache only, while every rank runs attention on its own
-        # replica: with two or more sequences in a batch the other ranks' token shares would
-        # route on wrong hidden states. Prefill and mixed EP workers compute their own KV.
-        if self.role == "decode" and self.engine.expert_parallel_size > 1:
-            raise ValueError("a decode worker cannot be expert-parallel yet (imported KV reaches rank 0 only); "
-                             "use expert_parallel_size 1 for decode workers")
-        return self
-
     @property
     def num_cpus(self) -> int:
         """CPUs to reserve: rank 0's threads plus one per other rank of an expert-parallel group."""
@@ -120,15 +110,11 @@ class ClusterConfig(_Strict):
     def _roles(self) -> "ClusterConfig":
         if self.mixed == 0 and (self.prefill == 0 or self.decode == 0):
             raise ValueError("need --mixed N, or at least one prefill and one decode worker")
-        for g in self.workers:
-            if g.role == "decode" and (g.expert_parallel_size or 1) > 1:
-                raise ValueError("a decode worker cannot be expert-parallel yet (imported KV reaches rank 0 only)")
         return self
 
     def worker_spec(self, role: Role, redis_url: str, expert_parallel_size: int | None = None) -> WorkerSpec:
-        """`expert_parallel_size` None = the engine's, except decode workers, which stay at 1
-        (see WorkerSpec): `--expert-parallel-size N` with P/D shards the prefill workers."""
-        ep = expert_parallel_size or (1 if role == "decode" else self.engine.expert_parallel_size)
+        """`expert_parallel_size` None = the engine's."""
+        ep = expert_parallel_size or self.engine.expert_parallel_size
         engine = self.engine if ep == self.engine.expert_parallel_size else \
             self.engine.model_copy(update={"expert_parallel_size": ep})
         return WorkerSpec(role=role, engine=engine, host=self.host, redis_url=redis_url, cluster=self.cluster,

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ class ServeSession:
     redis_url: str = ""
     workers: list[dict] = field(default_factory=list)  # {worker_id, address, role, pid, expert_parallel_size}
     actors: list[Any] = field(default_factory=list)
+    placement_groups: list[Any] = field(default_factory=list)  # one per expert-parallel worker
     _embedded: Any = None
     _started_ray: bool = False
     _ray_tmp: str | None = None
@@ -65,18 +66,32 @@ class ServeSession:
 
         from cluster.worker.actor import WorkerActor
 
-        c = self.config
-        specs = c.worker_specs(self.redis_url)
-        if c.engine.expert_parallel_size > 1 and not c.workers and c.decode and not c.mixed:
-            logger.info("decode workers run with expert_parallel_size 1 (KV import into an EP group is not "
-                        "supported yet); prefill workers use %d", c.engine.expert_parallel_size)
-        for spec in specs:
-            self.actors.append(WorkerActor.options(num_cpus=spec.num_cpus).remote(spec.model_dump()))
+        for spec in self.config.worker_specs(self.redis_url):
+            self.actors.append(self.create_worker(spec))
         self.workers = ray.get([a.start.remote() for a in self.actors], timeout=timeout_s)
         for w in self.workers:
             logger.info("worker %s (%s, EP %d) at %s, pid %s", w["worker_id"], w["role"], w["expert_parallel_size"],
                         w["address"], w["pid"])
         return self.workers
+
+    def create_worker(self, spec: WorkerSpec, timeout_s: float = 120.0) -> Any:
+        """A WorkerActor for `spec` (not started). An expert-parallel worker gets a STRICT_PACK
+        placement group with one bundle per rank: the actor (rank 0) in bundle 0, its other ranks
+        (Ray actors it creates) in the others, so the group is placed and reserved as a whole."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from cluster.worker.actor import WorkerActor
+
+        n = spec.engine.expert_parallel_size
+        if n == 1:
+            return WorkerActor.options(num_cpus=spec.num_threads).remote(spec.model_dump())
+        pg = placement_group([{"CPU": spec.num_threads}] + [{"CPU": 1}] * (n - 1), strategy="STRICT_PACK")
+        ray.get(pg.ready(), timeout=timeout_s)
+        self.placement_groups.append(pg)
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+        return WorkerActor.options(num_cpus=spec.num_threads, scheduling_strategy=strategy).remote(spec.model_dump())
 
     def start_router(self, port: int | None = None) -> str:
         """Serve the router from a background thread; returns its base URL once it accepts connections."""
@@ -119,6 +134,12 @@ class ServeSession:
             for a in self.actors:
                 ray.kill(a)
             self.actors.clear()
+        if self.placement_groups:
+            from ray.util.placement_group import remove_placement_group
+
+            for pg in self.placement_groups:
+                remove_placement_group(pg)
+            self.placement_groups.clear()
         if self._started_ray:
             import ray
 

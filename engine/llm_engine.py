@@ -365,6 +365,8 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is None or req.status is not RequestStatus.WAITING_FOR_KV:
             raise ValueError(f"request {request_id!r} is not waiting for KV")
+        # Blocks found in this engine's prefix cache were computed here; the rest were imported.
+        self.runner.sync_blocks(list(req.block_ids[req.num_cached_tokens // self.block_manager.block_size :]))
         req.num_computed_tokens = req.num_prompt_tokens
         self.block_manager.cache_full_blocks(req)
         self.scheduler.add_running(req)

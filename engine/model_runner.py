@@ -160,6 +160,10 @@ class ModelRunner:
             torch.index_select(cache, 0, idx, out=out[layer])
         return out
 
+    def sync_blocks(self, block_ids: list[int]) -> None:
+        """KV was written into these blocks from outside a forward (an import, a NIXL read):
+        nothing to do with one process; an expert-parallel group copies them to its other ranks."""
+
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         """Write `data` (as produced by export_blocks) into the given blocks of this cache."""
         shape = (len(self.kv_caches), len(block_ids), *self.kv_shape_per_block)

@@ -32,7 +32,12 @@ class WorkerActor:
         """Load the model, serve gRPC, register; returns {worker_id, address, role, pid, expert_parallel_size}."""
         from cluster.worker.runtime import WorkerRuntime
 
-        self.runtime = WorkerRuntime(self.spec)
+        launcher = None
+        if self.spec.engine.expert_parallel_size > 1:
+            from cluster.worker.ep_ranks import ray_launcher
+
+            launcher = ray_launcher()  # ranks 1..N-1 as Ray actors in this actor's placement group
+        self.runtime = WorkerRuntime(self.spec, ep_launcher=launcher)
         await self.runtime.start()
         return {"worker_id": self.runtime.worker_id, "address": self.runtime.address, "role": self.runtime.role,
                 "pid": os.getpid(), "expert_parallel_size": self.runtime.ep_size}

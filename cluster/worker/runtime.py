@@ -18,6 +18,7 @@ import logging
 import os
 import time
 import uuid
+from typing import Any
 
 import grpc
 
@@ -56,8 +57,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 class WorkerRuntime:
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, ep_launcher: Any = None) -> None:
+        """`ep_launcher` starts an expert-parallel worker's other ranks (default: child processes)."""
         self.spec = spec
+        self.ep_launcher = ep_launcher
         self.worker_id = spec.worker_id or f"{spec.role}-{uuid.uuid4().hex[:8]}"
         self.role = spec.role
         self.epoch = 1
@@ -79,7 +82,10 @@ class WorkerRuntime:
     # ----- lifecycle -----
     async def start(self) -> None:
         spec = self.spec
-        engine = await asyncio.to_thread(LLMEngine.from_args, spec.engine.model, **spec.engine.engine_kwargs())
+        kwargs = spec.engine.engine_kwargs()
+        if self.ep_launcher is not None:
+            kwargs["ep_launcher"] = self.ep_launcher
+        engine = await asyncio.to_thread(LLMEngine.from_args, spec.engine.model, **kwargs)
         if self.ep_size > 1:
             self.ep_pids = list(engine.runner.group.pids)
             logger.info("worker %s: expert-parallel group of %d, rank pids %s", self.worker_id, self.ep_size,

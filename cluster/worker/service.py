@@ -111,11 +111,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def _decode(self, request: worker_pb2.DecodeRequest, context) -> AsyncIterator[worker_pb2.TokenChunk]:
         g = request.request
         await self._admit(context, g.epoch, ("decode", "mixed"), "Decode")
-        if self.rt.ep_size > 1:
-            # Imported KV would reach rank 0's cache only; the other ranks attend over their own.
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"worker {self.rt.worker_id} is expert-parallel ({self.rt.ep_size} ranks) and "
-                                "cannot take imported KV")
         params = await self._params(context, g)
         rt, rid, handle = self.rt, g.request_id, request.handle
         if handle.layout_hash != rt.layout.hash():

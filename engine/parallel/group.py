@@ -53,6 +53,13 @@ class GlooCollectives:
         self.calls += 1
         return out
 
+    def broadcast(self, t: torch.Tensor) -> None:
+        """Rank 0's `t` into every rank's `t` (same shape and dtype everywhere)."""
+        t0 = time.perf_counter()
+        self.pg.broadcast(t, 0).wait()
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+
     def all_to_all(self, t: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
         t0 = time.perf_counter()
         out = torch.empty(sum(recv_splits), *t.shape[1:], dtype=t.dtype, device=t.device)

@@ -114,6 +114,13 @@ class EPLeaderRunner(ModelRunner):
     def prompt_logits(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
         return self._guarded(super().prompt_logits, token_ids, block_ids)
 
+    def sync_blocks(self, block_ids: list[int]) -> None:
+        """Copy KV imported into rank 0's cache to the other ranks: each runs attention over the
+        whole batch on its own replica of the cache."""
+        if block_ids:
+            self.group.send({"op": "kv", "blocks": block_ids})
+            self._guarded(self.group.comm.broadcast, self.export_blocks(block_ids))
+
     def window_counts(self) -> dict[int, list[int]]:
         """Per MoE layer, tokens routed to each expert since the last rebalance."""
         totals = self.expert_counts(total=True)
@@ -161,6 +168,12 @@ def run_follower(config: EngineConfig, comm: Collectives, num_redundant_experts:
             if cmd["op"] == "forward":
                 ids, positions, meta = plan.decode(cmd, runner.device)
                 runner.model(ids, positions, meta)
+            elif cmd["op"] == "kv":
+                blocks = cmd["blocks"]
+                data = torch.empty(len(runner.kv_caches), len(blocks), *runner.kv_shape_per_block,
+                                   dtype=config.model.dtype, device=runner.device)
+                comm.broadcast(data)
+                runner.import_blocks(blocks, data)
             elif cmd["op"] == "place":
                 replace_experts(runner.model, placements_from_json(cmd["layers"], num_experts), _read_checkpoint(config))
             else:

@@ -1,10 +1,10 @@
 """Expert-parallel workers in the served cluster: Ray started by the test, real Redis, real NIXL
 KV transfer, the router over real HTTP driven by the official `openai` client.
 
-Two clusters on the tiny ERNIE-4.5 MoE (8 experts, top-2, MoE layers 1 and 2; float32, so greedy
-tokens do not depend on the batch): a prefill worker with EP=2 feeding a decode worker with EP=1
-(`expert_parallel_size=2` cluster-wide: decode workers stay at 1), and two mixed workers, one
-EP=2 and one EP=1. The checkpoint gets a one-character-per-token tokenizer, so a reply's text
+Three clusters on the tiny ERNIE-4.5 MoE (8 experts, top-2, MoE layers 1 and 2; float32, so greedy
+tokens do not depend on the batch): a prefill worker with EP=2 feeding a decode worker with EP=1,
+an EP=1 prefill worker feeding an EP=2 decode worker (imported KV must reach every rank), and two
+mixed workers, one EP=2 and one EP=1. The checkpoint gets a one-character-per-token tokenizer, so a reply's text
 gives back its token ids exactly.
 """
 from __future__ import annotations
@@ -72,17 +72,20 @@ def engine_args(moe):
 
 @pytest.fixture(scope="module")
 def clusters(redis_server, engine_args):
-    pd_cfg = cluster_config("ep-pd", engine=engine_args.model_copy(update={"expert_parallel_size": 2}))
+    pd_cfg = cluster_config("ep-pd", engine=engine_args,
+                            workers=(WorkerGroup(role="prefill", expert_parallel_size=2), WorkerGroup(role="decode")))
+    dp_cfg = cluster_config("ep-dp", engine=engine_args,
+                            workers=(WorkerGroup(role="prefill"), WorkerGroup(role="decode", expert_parallel_size=2)))
     # Mixed workers move no KV: gRPC transport spares them NIXL's start-up (seconds each here).
     mixed_cfg = cluster_config("ep-mixed", engine=engine_args, kv_transport="grpc",
                                workers=(WorkerGroup(role="mixed", expert_parallel_size=2), WorkerGroup(role="mixed")))
-    # 2 + 1 CPUs for P (EP=2) and D, 2 + 1 for the mixed pair, 2 for the prefill worker the last
-    # test adds: what the workers reserve.
-    with ray_session(num_cpus=8):
-        with running_clusters([pd_cfg, mixed_cfg], redis_server.url) as (pd, mixed):
-            pids = [p for s in (pd, mixed) for ps in ep_rank_pids(s).values() for p in ps]
-            yield {"pd": pd, "mixed": mixed}
-    assert len(pids) == 2  # one killed by a test, one stopped with its (healthy) worker
+    # 2 + 1 CPUs for P (EP=2) and D, 1 + 2 for P and D (EP=2), 2 + 1 for the mixed pair, 2 for the
+    # prefill worker the last test adds: what the workers reserve.
+    with ray_session(num_cpus=11):
+        with running_clusters([pd_cfg, dp_cfg, mixed_cfg], redis_server.url) as (pd, dp, mixed):
+            pids = [p for s in (pd, dp, mixed) for ps in ep_rank_pids(s).values() for p in ps]
+            yield {"pd": pd, "dp": dp, "mixed": mixed}
+    assert len(pids) == 3  # one killed by a test, two stopped with their (healthy) workers
     assert pids_still_running(pids) == [], "expert-parallel ranks outlived their cluster"
 
 
@@ -151,6 +154,10 @@ def test_ep_workers_give_the_offline_greedy_tokens(clusters, offline):
     assert prefill.expert_parallel_size == 2 and decode.expert_parallel_size == 1
     assert decode.kv_transfers_total > 0 and decode.kv_transfer_bytes_total > 0
     assert decode.kv_recompute_total == 0 and decode.kv_transfer_failures_total == 0
+    dp_stats = worker_stats(clusters["dp"])
+    (dp_decode,) = [s for k, s in dp_stats.items() if k.startswith("decode")]
+    assert dp_decode.expert_parallel_size == 2 and dp_decode.kv_transfers_total > 0
+    assert dp_decode.kv_recompute_total == 0 and dp_decode.kv_transfer_failures_total == 0
     # Both mixed workers served some of the requests (the EP=2 one included).
     assert all(s.prompt_tokens_total > 0 for s in worker_stats(clusters["mixed"]).values())
     for session in clusters.values():
@@ -242,25 +249,30 @@ def test_killed_rank_fails_fast_and_the_other_worker_keeps_serving(clusters, red
     (rank_pid,) = ep_rank_pids(session)[ep["worker_id"]]
     client = _client(session)
     model = client.models.list().data[0].id
-    # Two long streams: the router's in-flight tie-break puts one on each worker.
+    # Long streams until each worker runs at least one (the router picks by free KV blocks first,
+    # as last heartbeated, so it may put several on one worker).
     streams = []
-    for i in range(2):
+    for i in range(6):
         stream = client.completions.create(model=model, prompt=f"Tell a long story, part {i}.", temperature=0,
                                            max_tokens=450, stream=True)
         it = iter(stream)
         next(it)
         streams.append(it)
-    running = {k.split(":", 1)[1]: s.num_requests_running for k, s in worker_stats(session).items()}
-    assert running == {ep["worker_id"]: 1, other["worker_id"]: 1}
+        running = {k.split(":", 1)[1]: s.num_requests_running for k, s in worker_stats(session).items()}
+        if running[ep["worker_id"]] >= 1 and running[other["worker_id"]] >= 1:
+            break
+        time.sleep(1.2)  # let a heartbeat report the load
+    assert running[ep["worker_id"]] >= 1 and running[other["worker_id"]] >= 1, running
+    on_ep = running[ep["worker_id"]]
     os.kill(rank_pid, signal.SIGKILL)
     killed = time.monotonic()
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(len(streams)) as pool:
         results = list(pool.map(_drain, streams))
     failed = [(r, t) for r, t in results if r != "ok"]
-    assert len(failed) == 1, results  # the EP=1 worker's stream finished normally
-    (error, ended), = failed
-    assert ended - killed < 20, f"the stream on the failed worker took {ended - killed:.1f}s to end"
-    assert "rank 1" in error, error
+    assert len(failed) == on_ep, results  # the EP=1 worker's streams finished normally
+    for error, ended in failed:
+        assert ended - killed < 20, f"a stream on the failed worker took {ended - killed:.1f}s to end"
+        assert "rank 1" in error, error
 
     health = _health(ep)
     assert not health.ready and "rank 1" in health.message, health
@@ -289,12 +301,10 @@ def test_rank_dying_while_idle_takes_the_worker_out_within_a_heartbeat(clusters,
     process gone, fails the engine and deregisters; requests keep going to the first one."""
     import ray
 
-    from cluster.worker.actor import WorkerActor
-
     pd = clusters["pd"]
-    spec = pd.config.worker_spec("prefill", pd.redis_url)
+    spec = pd.config.worker_spec("prefill", pd.redis_url, expert_parallel_size=2)
     assert spec.engine.expert_parallel_size == 2
-    actor = WorkerActor.options(num_cpus=spec.num_cpus).remote(spec.model_dump())
+    actor = pd.create_worker(spec)  # in a placement group of its own, like the cluster's
     pd.actors.append(actor)  # stopped with the cluster
     pd.workers.append(extra := ray.get(actor.start.remote(), timeout=120))
     (rank_pid,) = ray.get(actor.ep_pids.remote())

@@ -141,6 +141,38 @@ def test_rebalance_with_replicas_keeps_tokens(moe):
         LLMEngine.from_args(str(moe), num_redundant_experts=1, **KW)
 
 
+def test_imported_kv_reaches_every_rank(moe):
+    """Disaggregated both ways: EP=1 prefill -> EP=2 decode and EP=2 prefill -> EP=1 decode give
+    the single engine's tokens for a batch of sequences decoded together (an EP decode group
+    must copy imported KV to every rank: each runs attention over the whole batch)."""
+    prompts = prompts_for(256)
+    ref = reference(moe, "ernie45_moe")
+    one = LLMEngine.from_args(str(moe), **KW)
+    with LLM(moe, expert_parallel_size=2, **KW) as group:
+        for prefill, decode in ((one, group.engine), (group.engine, one)):
+            for i, p in enumerate(prompts):
+                prefill.add_request(f"p{i}", p, GREEDY, hold_kv=True)
+            firsts = {}
+            while prefill.has_unfinished_requests():
+                for out in prefill.step():
+                    if out.finished:
+                        firsts[out.request_id] = out.outputs[0].token_ids[0]
+            for i, p in enumerate(prompts):
+                rid = f"p{i}"
+                plan = decode.add_prefilled_request(rid, p, firsts[rid], GREEDY)
+                n = plan.num_cached_blocks
+                decode.import_kv(rid, prefill.export_kv(rid, start_block=n), start_block=n)
+                prefill.release_kv(rid)
+                decode.finish_kv_import(rid)
+            got = {}
+            while decode.has_unfinished_requests():
+                for out in decode.step():
+                    if out.finished:
+                        got[out.request_id] = list(out.outputs[0].token_ids)
+            assert [got[f"p{i}"] for i in range(len(prompts))] == ref
+            assert not prefill.leaks() and not decode.leaks()
+
+
 def test_killed_rank_fails_fast_and_leaves_no_process(moe):
     engine = LLMEngine.from_args(str(moe), expert_parallel_size=2, **KW)
     (pid,) = engine.runner.group.pids

@@ -26,15 +26,13 @@ def test_expert_parallel_size_is_validated_and_reserves_a_cpu_per_rank():
     spec = WorkerSpec(role="prefill", redis_url="redis://x", num_threads=2, engine=EngineArgs(expert_parallel_size=4))
     assert spec.num_cpus == 5  # rank 0's threads + one per other rank
     assert spec.engine.engine_kwargs()["expert_parallel_size"] == 4
-    with pytest.raises(ValidationError, match="decode worker cannot be expert-parallel"):
-        WorkerSpec(role="decode", redis_url="redis://x", engine=EngineArgs(expert_parallel_size=2))
 
 
-def test_cluster_wide_ep_shards_prefill_and_mixed_workers_and_keeps_decode_at_one():
+def test_cluster_wide_ep_shards_every_worker():
     c = ClusterConfig(engine=EngineArgs(expert_parallel_size=2), prefill=2, decode=1)
     specs = c.worker_specs("redis://x")
-    assert [(s.role, s.engine.expert_parallel_size) for s in specs] == [("prefill", 2), ("prefill", 2), ("decode", 1)]
-    assert sum(s.num_cpus for s in specs) == 5
+    assert [(s.role, s.engine.expert_parallel_size) for s in specs] == [("prefill", 2), ("prefill", 2), ("decode", 2)]
+    assert sum(s.num_cpus for s in specs) == 6
     mixed = ClusterConfig(engine=EngineArgs(expert_parallel_size=2), mixed=2, prefill=0, decode=0)
     assert [s.engine.expert_parallel_size for s in mixed.worker_specs("redis://x")] == [2, 2]
 
@@ -49,8 +47,8 @@ def test_per_worker_ep_sizes_from_a_worker_list(tmp_path):
     assert ClusterConfig.model_validate(c.model_dump()) == c  # survives the harness/CLI round trip
     with pytest.raises(ValidationError, match="contradicts"):
         ClusterConfig(workers=(WorkerGroup(role="mixed"),), mixed=2)
-    with pytest.raises(ValidationError, match="decode worker cannot be expert-parallel"):
-        ClusterConfig(workers=(WorkerGroup(role="prefill"), WorkerGroup(role="decode", expert_parallel_size=2)))
+    pd = ClusterConfig(workers=(WorkerGroup(role="prefill", expert_parallel_size=2), WorkerGroup(role="decode")))
+    assert [(s.role, s.engine.expert_parallel_size) for s in pd.worker_specs("redis://x")] == [("prefill", 2), ("decode", 1)]
 
 
 def test_serve_flag_sets_the_engine_ep_size():
