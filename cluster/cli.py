@@ -38,7 +38,8 @@ def _make_llm(args: argparse.Namespace):
         dtype=args.dtype,
         quantization=args.quantization,
         max_model_len=args.max_model_len,
-        expert_parallel_size=args.expert_parallel_size,
+        **{k: v for k in ("expert_parallel_size", "num_redundant_experts", "eplb_interval", "ep_dispatch")
+           if (v := getattr(args, k)) is not None},
     )
 
 
@@ -165,10 +166,19 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory-gb", type=float, default=None)
     p.add_argument("--no-enable-prefix-caching", action="store_true")
-    p.add_argument("--expert-parallel-size", type=int, default=None,
-                   help="MoE models: shard each worker's experts over N ranks (N CPUs per worker); "
-                        "per worker: `workers:` in --config")
+    _add_ep_args(p, help_size="MoE models: shard each worker's experts over N ranks (N CPUs per worker); "
+                              "per worker: `workers:` in --config")
     p.add_argument("--log-level", default="INFO")
+
+
+def _add_ep_args(p: argparse.ArgumentParser, help_size: str) -> None:
+    p.add_argument("--expert-parallel-size", type=int, default=None, help=help_size)
+    p.add_argument("--num-redundant-experts", type=int, default=None,
+                   help="EP: extra expert slots per rank, for replicas of the hottest experts")
+    p.add_argument("--eplb-interval", type=int, default=None,
+                   help="EP: rebalance expert placement (EPLB) from observed load every N steps (default off)")
+    p.add_argument("--ep-dispatch", choices=["replicated", "alltoall"], default=None,
+                   help="EP: move only expert results (replicated, default) or also hidden states (alltoall)")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -206,8 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     gen.add_argument("--quantization", choices=["wint8", "wint4"], default=None)
     gen.add_argument("--max-model-len", type=int, default=None)
-    gen.add_argument("--expert-parallel-size", type=int, default=1,
-                     help="shard an MoE model's routed experts over N processes (gloo)")
+    _add_ep_args(gen, help_size="shard an MoE model's routed experts over N processes (gloo)")
     gen.set_defaults(func=_cmd_generate)
 
     conv = sub.add_parser("convert", help="convert a .gguf file into an HF safetensors folder")

@@ -33,6 +33,10 @@ class EngineArgs(_Strict):
     device: str = "cpu"
     expert_parallel_size: int = Field(1, ge=1, description="MoE models: shard the routed experts over N ranks "
                                       "(this process + N-1 children, one torch thread each)")
+    num_redundant_experts: int = Field(0, ge=0, description="EP: extra expert slots per rank for replicas of hot experts")
+    eplb_interval: int = Field(0, ge=0, description="EP: rebalance expert placement from observed load every N steps (0: off)")
+    ep_dispatch: Literal["replicated", "alltoall"] = Field(
+        "replicated", description="EP: move only expert results (replicated) or also hidden states (alltoall)")
 
     def engine_kwargs(self) -> dict:
         return self.model_dump(exclude={"model"})

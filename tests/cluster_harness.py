@@ -11,6 +11,7 @@ from collections.abc import Collection, Iterable, Sequence
 from contextlib import contextmanager
 
 from cluster.config import ClusterConfig, EngineArgs
+from cluster.worker.runtime import pid_alive
 
 # Small KV pools keep each worker's memory low; 256 blocks of 16 tokens is plenty for the tests.
 TEST_ENGINE = EngineArgs(num_kv_blocks=256, max_model_len=2048, max_num_seqs=64)
@@ -139,21 +140,12 @@ def ep_rank_pids(session) -> dict[str, list[int]]:
     return {w["worker_id"]: ray.get(a.ep_pids.remote(), timeout=30) for w, a in zip(session.workers, session.actors)}
 
 
-def pid_running(pid: int) -> bool:
-    """True while the process exists and is not a zombie (exited, awaiting its parent's wait)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-
-
 def pids_still_running(pids: Iterable[int], timeout: float = 15.0) -> list[int]:
     """Wait up to `timeout` for every pid to end; returns those still running (leaked processes)."""
     pids = list(pids)
     deadline = time.monotonic() + timeout
     while True:
-        alive = [p for p in pids if pid_running(p)]
+        alive = [p for p in pids if pid_alive(p)]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)

@@ -40,7 +40,7 @@ from pdserve.v1 import kv_pb2_grpc, worker_pb2, worker_pb2_grpc
 logger = logging.getLogger(__name__)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """False for a process that is gone or a zombie (a killed child nobody reaped yet)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -155,7 +155,7 @@ class WorkerRuntime:
 
     def _check_ranks(self) -> None:
         """An idle EP worker notices a dead rank here rather than on the next request's step."""
-        dead = [(rank, pid) for rank, pid in enumerate(self.ep_pids, start=1) if not _pid_alive(pid)]
+        dead = [(rank, pid) for rank, pid in enumerate(self.ep_pids, start=1) if not pid_alive(pid)]
         if dead and self.loop.alive:
             what = "; ".join(f"expert-parallel rank {rank} (pid {pid}) is gone" for rank, pid in dead)
             self.loop.fail(EngineDead(f"expert-parallel group failed: {what}"))

@@ -58,6 +58,12 @@ def test_serve_flag_sets_the_engine_ep_size():
     assert _serve_config(args).engine.expert_parallel_size == 2
     args = build_parser().parse_args(["serve"])
     assert _serve_config(args).engine.expert_parallel_size == 1
+    args = build_parser().parse_args(["serve", "--expert-parallel-size", "2", "--num-redundant-experts", "1",
+                                      "--eplb-interval", "64", "--ep-dispatch", "alltoall"])
+    kwargs = _serve_config(args).engine.engine_kwargs()  # what the worker hands LLMEngine.from_args
+    assert (kwargs["num_redundant_experts"], kwargs["eplb_interval"], kwargs["ep_dispatch"]) == (1, 64, "alltoall")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--ep-dispatch", "broadcast"])
 
 
 # ----- metrics -----
@@ -157,21 +163,21 @@ def test_fail_ends_an_idle_loop(tiny_checkpoint):
 
 
 def test_pid_alive_treats_zombies_as_dead():
-    from cluster.worker.runtime import _pid_alive
+    from cluster.worker.runtime import pid_alive
 
-    assert _pid_alive(os.getpid())
+    assert pid_alive(os.getpid())
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert _pid_alive(child.pid)
+        assert pid_alive(child.pid)
         child.kill()
         deadline = time.monotonic() + 5
-        while _pid_alive(child.pid) and time.monotonic() < deadline:  # a zombie until reaped below
+        while pid_alive(child.pid) and time.monotonic() < deadline:  # a zombie until reaped below
             time.sleep(0.02)
-        assert not _pid_alive(child.pid)
+        assert not pid_alive(child.pid)
     finally:
         child.kill()
         child.wait()
-    assert not _pid_alive(child.pid)
+    assert not pid_alive(child.pid)
 
 
 # ----- router -----
