@@ -3,7 +3,8 @@ time spent in the EP collectives (all-to-all dispatch/combine and the all-gather
 plus waiting for the other rank), and the effect of rebalancing (EPLB) on a skewed routing.
 
 A random ERNIE-4.5-MoE checkpoint (16 experts, top-2, one shared expert, 4 layers, hidden 512),
-bf16, 8 random 64-token prompts, 32 output tokens each (ignore_eos), greedy; one process per rank,
+bf16, 8 random 64-token prompts, 32 output tokens each (ignore_eos; --input-len/--output-len),
+greedy, throughput counted over prompt + output tokens; one process per rank,
 1 thread each; EP=1 also at 2 threads (the same cores as EP=2). The skewed checkpoint is the
 same model with a routing correction bias that sends most tokens to experts 0-3, all of which
 the contiguous placement puts on rank 0; "rebalanced" runs one pass, rebalances from its counts
@@ -67,6 +68,7 @@ def run(path: Path, ep: int, threads: int, prompts, params, repeats: int, redund
             comm = runner.group.comm
             comm.seconds = 0.0
         totals0 = [c.clone() for c in runner.expert_counts(total=True)]
+        pairs0 = runner.rank_pairs() if ep > 1 else {}
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -74,9 +76,15 @@ def run(path: Path, ep: int, threads: int, prompts, params, repeats: int, redund
             times.append(time.perf_counter() - t0)
         counts = [(c - c0).tolist() for c, c0 in zip(runner.expert_counts(total=True), totals0)]
         hot = sum(sum(c[:4]) for c in counts) / max(1, sum(sum(c) for c in counts))
-        result = {"tps": len(prompts) * params.max_tokens / statistics.median(times), "hot": hot}
+        # Tokens processed (prompt + output) per second: the same work in every row.
+        work = sum(len(p) for p in prompts) + len(prompts) * params.max_tokens
+        result = {"tps": work / statistics.median(times), "hot": hot}
         if ep > 1:
             result["comm"] = comm.seconds / sum(times)
+            # Measured: (token, expert) pairs each rank computed, max / mean, averaged over layers.
+            pairs = runner.rank_pairs()
+            result["measured"] = statistics.mean(
+                imbalance([b - a for a, b in zip(pairs0[i], pairs[i])]) for i in pairs)
             # Expected max/mean rank load over the MoE layers for the counts just measured.
             result["imbalance"] = statistics.mean(imbalance(p.rank_loads(c)) for p, c in zip(runner.placements.values(), counts))
             contiguous = ExpertPlacement.contiguous(16, ep)
@@ -87,13 +95,15 @@ def run(path: Path, ep: int, threads: int, prompts, params, repeats: int, redund
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=32)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ep-bench-"))
     uniform = build_checkpoint(tmp / "uniform")
     skewed = build_checkpoint(tmp / "skewed", skewed=True)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 4096, (64,), generator=g).tolist() for _ in range(8)]
-    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    prompts = [torch.randint(0, 4096, (args.input_len,), generator=g).tolist() for _ in range(8)]
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     rows = [
         ("uniform", "EP=1, 1 thread", uniform, 1, 1, -1),
         ("uniform", "EP=1, 2 threads", uniform, 1, 2, -1),
@@ -106,15 +116,17 @@ def main() -> None:
     ]
     results = {(routing, name): run(path, ep, threads, prompts, params, args.repeats, *rest)
                for routing, name, path, ep, threads, *rest in rows}
-    print(f"random ERNIE-4.5-MoE (16 experts, top-2, 4 layers, hidden 512), bf16, 8 x (64 in / 32 out), "
+    print(f"random ERNIE-4.5-MoE (16 experts, top-2, 4 layers, hidden 512), bf16, "
+          f"8 x ({args.input_len} in / {args.output_len} out), "
           f"median of {args.repeats}")
-    print("| routing | setup | out tok/s | vs EP=1 1 thread | EP collectives share of rank 0 time "
-          "| rank load max/mean | tokens to experts 0-3 |")
+    print("| routing | setup | tok/s (in + out) | vs EP=1 1 thread | EP collectives share of rank 0 time "
+          "| expert pairs per rank, max/mean | tokens to experts 0-3 |")
     print("|---|---|---|---|---|---|---|")
     for (routing, name), r in results.items():
         base = results[(routing, "EP=1, 1 thread")]["tps"]
         comm = f"{r['comm'] * 100:.0f}%" if "comm" in r else "-"
-        imb = f"{r['imbalance']:.2f} (contiguous {r['contiguous_imbalance']:.2f})" if "imbalance" in r else "-"
+        imb = (f"{r['measured']:.2f} (model {r['imbalance']:.2f}; contiguous {r['contiguous_imbalance']:.2f})"
+               if "imbalance" in r else "-")
         print(f"| {routing} | {name} | {r['tps']:.1f} | {r['tps'] / base:.2f}x | {comm} | {imb} | {r['hot'] * 100:.0f}% |")
 
 

@@ -79,6 +79,8 @@ class EPExperts(torch.nn.Module):
         # module may be built under torch.device("meta").
         self.last_expert_counts = torch.zeros(E, dtype=torch.int64, device="cpu")
         self.total_expert_counts = torch.zeros(E, dtype=torch.int64, device="cpu")
+        # (token, expert) pairs computed on each rank since load: the load balance EPLB acts on.
+        self.total_rank_pairs = torch.zeros(comm.size, dtype=torch.int64, device="cpu")
 
     def destinations(self, experts: torch.Tensor, tokens: torch.Tensor, sources: torch.Tensor | int) -> torch.Tensor:
         """The rank each (token, expert) pair is computed on: its source rank if that holds the
@@ -101,6 +103,7 @@ class EPExperts(torch.nn.Module):
         matrix = torch.stack(comm.all_gather(send))  # [source, destination, expert]
         self.last_expert_counts = matrix.sum(dim=(0, 1))
         self.total_expert_counts += self.last_expert_counts
+        self.total_rank_pairs += matrix.sum(dim=(0, 2))
         send_splits = send.sum(1).tolist()
         recv_by_source = matrix[:, comm.rank]  # [source, expert]
         recv_splits = recv_by_source.sum(1).tolist()
@@ -129,6 +132,7 @@ class EPExperts(torch.nn.Module):
         dest = self.destinations(pair_expert, pair_token, home)
         self.last_expert_counts = torch.bincount(pair_expert, minlength=E)
         self.total_expert_counts += self.last_expert_counts
+        self.total_rank_pairs += torch.bincount(dest, minlength=N)
         dev = x.device
         # Mine to compute, sent home grouped by (home, expert, token).
         mine = torch.nonzero(dest == comm.rank).squeeze(1)
@@ -279,4 +283,5 @@ def replace_experts(model: torch.nn.Module, placements: dict[int, ExpertPlacemen
         new.gate_up.data = torch.stack(gate_up).to(device=device, dtype=dtype)
         new.down.data = torch.stack(down).to(device=device, dtype=dtype)
         new.total_expert_counts = old.total_expert_counts
+        new.total_rank_pairs = old.total_rank_pairs
         moe.experts = new

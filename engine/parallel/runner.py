@@ -17,7 +17,8 @@ from engine.loader import iter_weights
 from engine.model_runner import ModelRunner
 from engine.models.registry import build_model
 from engine.parallel import plan
-from engine.parallel.expert import DISPATCH_MODES, Collectives, keep_weight, moe_layer_indices, replace_experts, shard_experts
+from engine.parallel.expert import (DISPATCH_MODES, Collectives, ep_layers, keep_weight, moe_layer_indices,
+                                    replace_experts, shard_experts)
 from engine.parallel.group import EPGroup, EPGroupError, Launcher
 from engine.parallel.placement import ExpertPlacement, balanced
 from engine.scheduler import SchedulerOutput
@@ -120,6 +121,11 @@ class EPLeaderRunner(ModelRunner):
         if block_ids:
             self.group.send({"op": "kv", "blocks": block_ids})
             self._guarded(self.group.comm.broadcast, self.export_blocks(block_ids))
+
+    def rank_pairs(self) -> dict[int, list[int]]:
+        """Per MoE layer, the (token, expert) pairs each rank has computed since load (each layer
+        waits for its busiest rank, so balance matters layer by layer)."""
+        return {m.layer_index: m.experts.total_rank_pairs.tolist() for m in ep_layers(self.model)}
 
     def window_counts(self) -> dict[int, list[int]]:
         """Per MoE layer, tokens routed to each expert since the last rebalance."""

@@ -99,6 +99,8 @@ def test_expert_counts_per_step(moe):
         assert [int(c.sum()) for c in engine.runner.expert_counts()] == [len(prompts) * 2] * 2
         totals = engine.runner.expert_counts(total=True)
         assert [int(c.sum()) for c in totals] == [(sum(map(len, prompts)) + len(prompts)) * 2] * 2
+        pairs = engine.runner.rank_pairs()  # where those (token, expert) pairs were computed
+        assert [sum(p) for p in pairs.values()] == [int(c.sum()) for c in totals]
         for i in range(len(prompts)):
             engine.abort(f"r{i}")
 
