@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.cluster_harness import ray_session
+from tests.cluster_harness import pid_alive, ray_session
 from tests.unit.test_fidelity import prompts_for
 
 ray = pytest.importorskip("ray")
@@ -53,14 +53,6 @@ def ray_cpus():
         yield
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_ray_rank_actors_in_a_placement_group(ray_cpus, tiny_checkpoint):
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -100,6 +92,6 @@ def test_ray_rank_actors_in_a_placement_group(ray_cpus, tiny_checkpoint):
     finally:
         remove_placement_group(pg)
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(pid)
+    assert not pid_alive(pid)

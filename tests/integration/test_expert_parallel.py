@@ -14,6 +14,7 @@ import torch
 from engine import LLM, LLMEngine, SamplingParams
 from engine.parallel import ExpertPlacement
 from engine.parallel.group import EPGroupError
+from tests.cluster_harness import pid_alive
 from tests.conftest import fuse_experts, run_to_completion
 from tests.unit.test_fidelity import GREEDY, prompts_for, reference
 
@@ -21,11 +22,7 @@ KW = dict(dtype="float32", num_kv_blocks=256, max_model_len=512)
 
 
 def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    return not pid_alive(pid)
 
 
 @pytest.fixture(scope="module")
