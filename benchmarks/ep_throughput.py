@@ -33,12 +33,12 @@ from engine.parallel.placement import ExpertPlacement, imbalance  # noqa: E402
 HOT_BIAS = 0.04  # added to experts 0-3's routing scores in the skewed checkpoint
 
 
-def build_checkpoint(folder: Path, skewed: bool = False) -> Path:
+def build_checkpoint(folder: Path, skewed: bool = False, expert_size: int = 512) -> Path:
     import transformers as tf
 
     cfg = tf.Ernie4_5_MoeConfig(
         vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=1024, moe_intermediate_size=512, moe_num_experts=16, moe_k=2,
+        num_key_value_heads=2, max_position_embeddings=1024, moe_intermediate_size=expert_size, moe_num_experts=16, moe_k=2,
         moe_num_shared_experts=1, moe_layer_start_index=0, eos_token_id=None, bos_token_id=None, pad_token_id=None,
     )
     torch.manual_seed(0)
@@ -96,11 +96,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--expert-size", type=int, default=512, help="moe_intermediate_size (larger: experts dominate)")
     ap.add_argument("--output-len", type=int, default=32)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ep-bench-"))
-    uniform = build_checkpoint(tmp / "uniform")
-    skewed = build_checkpoint(tmp / "skewed", skewed=True)
+    uniform = build_checkpoint(tmp / "uniform", expert_size=args.expert_size)
+    skewed = build_checkpoint(tmp / "skewed", skewed=True, expert_size=args.expert_size)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 4096, (args.input_len,), generator=g).tolist() for _ in range(8)]
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
@@ -116,7 +117,7 @@ def main() -> None:
     ]
     results = {(routing, name): run(path, ep, threads, prompts, params, args.repeats, *rest)
                for routing, name, path, ep, threads, *rest in rows}
-    print(f"random ERNIE-4.5-MoE (16 experts, top-2, 4 layers, hidden 512), bf16, "
+    print(f"random ERNIE-4.5-MoE (16 experts of size {args.expert_size}, top-2, 4 layers, hidden 512), bf16, "
           f"8 x ({args.input_len} in / {args.output_len} out), "
           f"median of {args.repeats}")
     print("| routing | setup | tok/s (in + out) | vs EP=1 1 thread | EP collectives share of rank 0 time "
