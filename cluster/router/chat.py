@@ -13,9 +13,9 @@ from cluster.metrics import RequestTracker
 from cluster.router.logprobs import chat_logprobs
 from cluster.router.openai import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                    ChatCompletionRequest, ChatCompletionResponse, DeltaMessage)
-from cluster.router.serving import (ChoiceState, ClientGone, Item, RouterState, SSEResponse, chat_prompt, check_model,
-                                    choice_states, fan_out, log_failure, max_tokens_for, merged, sampling_params,
-                                    sse_events, unless_disconnected, usage)
+from cluster.router.serving import (ChoiceState, Item, RouterState, SSEResponse, chat_prompt, check_model,
+                                    choice_states, fan_out, max_tokens_for, merged, respond, sampling_params,
+                                    sse_events, usage)
 from pdserve.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
@@ -37,26 +37,14 @@ async def create_chat_completion(state: RouterState, http: Request, req: ChatCom
     head = dict(id=request_id, created=int(time.time()), model=state.model_name)
     stream = merged(state.backend, seqs)
     tracker.submitted()
-    try:
-        if req.stream:
-            # The first chunk comes before the headers, so that errors before any output (no
-            # worker, bad prompt) get their own HTTP status instead of a 200 with an error event.
-            first = await unless_disconnected(http, anext(stream))
-            # `object` passed explicitly: stream chunks are serialised with exclude_unset.
-            chunk_head = {**head, "object": "chat.completion.chunk"}
-            return SSEResponse(_events(state, req, chunk_head, choices, tracker, first, stream))
-        await unless_disconnected(http, _collect(stream, choices, tracker))
-    except ClientGone:
-        logger.info("request %s: client disconnected before the response; cancelled", request_id)
-        tracker.close()
-        return Response(status_code=499)
-    except Exception as exc:
-        log_failure(request_id, exc)
-        tracker.close()
-        await stream.aclose()
-        raise
-    tracker.close()
-    return _response(state, req, head, choices, [prompt])
+    # `object` passed explicitly: stream chunks are serialised with exclude_unset.
+    chunk_head = {**head, "object": "chat.completion.chunk"}
+    return await respond(
+        http, request_id, tracker, stream, req.stream,
+        sse=lambda first: SSEResponse(_events(state, req, chunk_head, choices, tracker, first, stream)),
+        collect=lambda: _collect(stream, choices, tracker),
+        body=lambda: _response(state, req, head, choices, [prompt]),
+    )
 
 
 async def _collect(stream: AsyncIterator[tuple[int, worker_pb2.TokenChunk]], choices: dict[int, ChoiceState],

@@ -12,9 +12,9 @@ from starlette.responses import Response
 from cluster.metrics import RequestTracker
 from cluster.router.logprobs import completion_logprobs
 from cluster.router.openai import CompletionChoice, CompletionRequest, CompletionResponse
-from cluster.router.serving import (ChoiceState, ClientGone, Item, Prompt, RouterState, SSEResponse, check_model,
-                                    choice_states, completion_prompts, fan_out, log_failure, max_tokens_for, merged,
-                                    sampling_params, sse_events, unless_disconnected, usage)
+from cluster.router.serving import (ChoiceState, Item, Prompt, RouterState, SSEResponse, check_model, choice_states,
+                                    completion_prompts, fan_out, max_tokens_for, merged, respond, sampling_params,
+                                    sse_events, usage)
 from pdserve.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
@@ -37,22 +37,16 @@ async def create_completion(state: RouterState, http: Request, req: CompletionRe
     head = dict(id=request_id, object="text_completion", created=int(time.time()), model=state.model_name)
     stream = merged(state.backend, seqs)
     tracker.submitted()
-    try:
-        if req.stream:
-            # First chunk before the headers: early errors keep their HTTP status (see chat.py).
-            first = await unless_disconnected(http, anext(stream))
-            return SSEResponse(_events(state, req, head, choices, prompts, tracker, first, stream))
-        await unless_disconnected(http, _collect(state, req, stream, choices, tracker))
-    except ClientGone:
-        logger.info("request %s: client disconnected before the response; cancelled", request_id)
-        tracker.close()
-        return Response(status_code=499)
-    except Exception as exc:
-        log_failure(request_id, exc)
-        tracker.close()
-        await stream.aclose()
-        raise
-    tracker.close()
+    return await respond(
+        http, request_id, tracker, stream, req.stream,
+        sse=lambda first: SSEResponse(_events(state, req, head, choices, prompts, tracker, first, stream)),
+        collect=lambda: _collect(state, req, stream, choices, tracker),
+        body=lambda: _response(state, req, head, choices, prompts),
+    )
+
+
+def _response(state: RouterState, req: CompletionRequest, head: dict, choices: dict[int, ChoiceState],
+              prompts: list[Prompt]) -> Response:
     out = []
     for c in choices.values():
         logprobs = completion_logprobs(c.logprobs, state.token_text)[0] if req.logprobs is not None else None

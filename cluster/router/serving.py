@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import anyio
 from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from cluster.errors import InvalidRequestError, ModelNotFoundError, PdserveError, WorkerError
 from cluster.metrics import FINISH_NAMES, RequestTracker, RouterMetrics
@@ -235,6 +235,31 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task.cancelled():
         raise ClientGone()
     return task.result()
+
+
+async def respond(http: Request, request_id: str, tracker: RequestTracker, stream: AsyncIterator[Item],
+                  streaming: bool, sse: Callable[[Item], Response], collect: Callable[[], Awaitable[None]],
+                  body: Callable[[], Response]) -> Response:
+    """Run a request's merged output `stream` to its HTTP response: SSE built by `sse(first item)`,
+    or `collect()` everything and answer `body()`. The first item comes before the headers, so
+    errors before any output (no worker, bad prompt) get their own HTTP status instead of a 200
+    with an error event. A client gone before the response gets 499; the tracker is closed."""
+    try:
+        if streaming:
+            first = await unless_disconnected(http, anext(stream))
+            return sse(first)
+        await unless_disconnected(http, collect())
+    except ClientGone:
+        logger.info("request %s: client disconnected before the response; cancelled", request_id)
+        tracker.close()
+        return Response(status_code=499)
+    except Exception as exc:
+        log_failure(request_id, exc)
+        tracker.close()
+        await stream.aclose()
+        raise
+    tracker.close()
+    return body()
 
 
 def log_failure(request_id: str, exc: BaseException) -> None:

@@ -24,8 +24,10 @@ logger = logging.getLogger(__name__)
 class EPRankActor:
     """One non-zero rank: runs the follower loop in `run` until rank 0 stops it or goes away."""
 
-    def pid(self) -> int:
-        return os.getpid()
+    def where(self) -> tuple[int, str | None]:
+        """(pid, hex id of the placement group this rank runs in, or None). Ask before `run`: the
+        actor runs one method at a time."""
+        return os.getpid(), ray.get_runtime_context().get_placement_group_id() or None
 
     def run(self, config_json: str) -> int:
         from engine.parallel.worker import serve_rank
@@ -45,7 +47,9 @@ class RayRanks:
             if placement_group is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i)
             self.actors.append(EPRankActor.options(**options).remote())
-        self._pids = ray.get([a.pid.remote() for a in self.actors])
+        where = ray.get([a.where.remote() for a in self.actors])
+        self._pids = [pid for pid, _ in where]
+        self.placement_group_ids = [pg for _, pg in where]
         self.runs = [a.run.remote(json.dumps(cfg)) for a, cfg in zip(self.actors, configs)]
 
     def pids(self) -> list[int]:

@@ -65,6 +65,7 @@ class EPExperts(torch.nn.Module):
         self.expert_ids = placement.local_experts(comm.rank)  # the decoder's load_weights reads only these
         self.intermediate_size = intermediate_size
         n = len(self.expert_ids)
+        self._slot_of = {e: i for i, e in enumerate(self.expert_ids)}
         self.gate_up = torch.nn.Parameter(torch.zeros(n, 2 * intermediate_size, hidden_size), requires_grad=False)
         self.down = torch.nn.Parameter(torch.zeros(n, hidden_size, intermediate_size), requires_grad=False)
         E = placement.num_experts
@@ -112,12 +113,7 @@ class EPExperts(torch.nn.Module):
         # Each source sent its rows grouped by expert, ascending.
         recv_expert = torch.repeat_interleave(torch.arange(E).repeat(N), recv_by_source.reshape(-1))
         results = comm.all_to_all(self._compute(received, recv_expert), recv_splits, send_splits)
-        contrib = results * weights.reshape(-1)[order.to(dev)][:, None]
-        # Combine in ascending expert order per token, as one rank does.
-        by_expert = torch.argsort(pair_expert[order], stable=True)
-        out = torch.zeros_like(x)
-        out.index_add_(0, pair_token[order][by_expert].to(dev), contrib[by_expert.to(dev)])
-        return out
+        return _combine(results, weights, order, pair_expert, pair_token, x)
 
     def forward_replicated(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Routed-expert output for tokens [start, end) when every rank holds the whole batch `x`
@@ -144,18 +140,14 @@ class EPExperts(torch.nn.Module):
         order = own[torch.argsort(dest[own] * E + pair_expert[own], stable=True)]
         recv_splits = torch.bincount(dest[own], minlength=N).tolist()
         results = comm.all_to_all(y, send_splits, recv_splits)
-        contrib = results * weights.reshape(-1)[order.to(dev)][:, None]
-        by_expert = torch.argsort(pair_expert[order], stable=True)
-        out = torch.zeros(end - start, x.shape[1], dtype=x.dtype, device=dev)
-        out.index_add_(0, (pair_token[order][by_expert] - start).to(dev), contrib[by_expert.to(dev)])
-        return out
+        return _combine(results, weights, order, pair_expert, pair_token - start, x[start:end])
 
     def _compute(self, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(rows)
         order = torch.argsort(experts, stable=True).to(rows.device)
         counts = torch.bincount(experts, minlength=self.num_experts).tolist()
         start = 0
-        slot_of = {e: i for i, e in enumerate(self.expert_ids)}
+        slot_of = self._slot_of
         for e, n in enumerate(counts):
             if n == 0:
                 continue
@@ -165,6 +157,18 @@ class EPExperts(torch.nn.Module):
             out[idx] = expert_ffn(self, slot_of[e], rows[idx])
             start += n
         return out
+
+
+def _combine(results: torch.Tensor, weights: torch.Tensor, pairs: torch.Tensor, pair_expert: torch.Tensor,
+             pair_token: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum router weight x expert output into one row per token of `like`: `results[i]` is pair
+    `pairs[i]`'s output; each token's outputs are added in ascending expert order, as one rank does."""
+    dev = like.device
+    contrib = results * weights.reshape(-1)[pairs.to(dev)][:, None]
+    by_expert = torch.argsort(pair_expert[pairs], stable=True)
+    out = torch.zeros_like(like)
+    out.index_add_(0, pair_token[pairs][by_expert].to(dev), contrib[by_expert.to(dev)])
+    return out
 
 
 class EPMoE(SparseMoE):

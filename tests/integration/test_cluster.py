@@ -319,7 +319,13 @@ def test_decode_worker_killed_mid_stream_fails_fast_and_the_cluster_keeps_servin
         stream = client.completions.create(model=model, prompt="Write a long story about a dragon.", max_tokens=400,
                                            stream=True, extra_body={"ignore_eos": True})
         next(iter(stream))
-        busy = [w for w in worker_stats(session).items() if w[0].startswith("decode") and w[1].num_requests_running]
+        # The first token comes from the prefill worker: wait for a decoder to report the request.
+        deadline = time.monotonic() + 10
+        while True:
+            busy = [w for w in worker_stats(session).items() if w[0].startswith("decode") and w[1].num_requests_running]
+            if busy or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         (victim_key, _), = busy
         index = [f"{w['role']}:{w['worker_id']}" for w in session.workers].index(victim_key)
         ray.kill(session.actors[index])
