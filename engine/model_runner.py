@@ -99,24 +99,23 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
 
         dev = self.device
-        decode_rows_t = decode_table_t = decode_mask = None
+        decode_rows_t = decode_table_t = decode_lens_t = None
         if decode_rows:
             width = max(len(t) for t in decode_tables)
             decode_rows_t = torch.tensor(decode_rows, dtype=torch.long, device=dev)
             decode_table_t = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
-            if any(n != width * bs for n in decode_lens):
-                lens = torch.tensor(decode_lens, device=dev)
-                decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+            decode_lens_t = torch.tensor(decode_lens, dtype=torch.long, device=dev)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         meta = AttentionMetadata(
             slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=dev),
             slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=dev),
             decode_rows=decode_rows_t,
             decode_block_table=decode_table_t,
-            decode_mask=decode_mask,
             prefills=tuple(prefills),
+            positions=pos_t,
+            decode_lens=decode_lens_t,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         return ids, pos_t, meta, sample_rows
 
     @torch.inference_mode()
@@ -138,7 +137,7 @@ class ModelRunner:
         blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         meta = AttentionMetadata(
             slot_blocks=blocks[pos // bs], slot_offsets=pos % bs, decode_rows=None, decode_block_table=None,
-            decode_mask=None, prefills=(PrefillSegment(0, n, n, blocks),),
+            decode_lens=None, prefills=(PrefillSegment(0, n, n, blocks),), positions=pos,
         )
         hidden = self.model(torch.tensor(token_ids, device=self.device), pos, meta)
         return self.model.compute_logits(hidden).float().cpu()

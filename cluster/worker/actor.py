@@ -18,9 +18,14 @@ class WorkerActor:
         from cluster.config import WorkerSpec
 
         self.spec = WorkerSpec.model_validate(spec)
-        # One engine per worker process: pin torch's threads so co-located workers do not fight
-        # over cores (two 2-thread workers on 2 cores run ~10x slower than 1 thread each).
+        # One engine per worker process: limit torch's threads so co-located workers do not fight
+        # over cores (two 2-thread workers on 2 cores run ~10x slower than 1 thread each), and
+        # pin them to this worker's own cores when the session planned some.
         os.environ["OMP_NUM_THREADS"] = str(self.spec.num_threads)
+        if self.spec.cpu_cores:
+            from cluster.cpu_binding import pin_process
+
+            pin_process(self.spec.cpu_cores)
         import torch
 
         torch.set_num_threads(self.spec.num_threads)

@@ -3,7 +3,11 @@
 The cache of one layer is a tensor [num_blocks, 2, block_size, kv_heads, head_dim]: block id b
 names the same bytes on every layer, which is what makes export/import by block id possible.
 New keys/values are written to their slots first; then decode tokens (one query each) are
-attended in one batched call over their gathered blocks, and each prefill chunk in its own call.
+attended in one batched call, and each prefill chunk in its own call.
+
+With the CPU kernels (engine/kernels) rotary and the KV write are one in-place pass over the
+fused qkv projection, and decode queries read their blocks where they lie in the cache; without
+them, torch ops do the same with a gathered copy of each sequence's blocks.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import cpu_ops
 from engine.layers.linear import Linear, cpu_has_native_bf16
 from engine.layers.norm import RMSNorm
 
@@ -32,8 +37,9 @@ class AttentionMetadata:
     slot_offsets: torch.Tensor  # [T] offset inside the block
     decode_rows: torch.Tensor | None  # [B] rows of the single-token queries
     decode_block_table: torch.Tensor | None  # [B, max_blocks], padded with block 0
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks*block_size] bool, None if nothing is padded
+    decode_lens: torch.Tensor | None  # [B] context length of each decode query
     prefills: tuple[PrefillSegment, ...]
+    positions: torch.Tensor  # [T] position of each new token
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -62,6 +68,35 @@ def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, seg: PrefillSegment,
+                       scale: float, dt: torch.dtype, gqa: bool) -> torch.Tensor:
+    """One prefill chunk's queries [n, H, D] against its context -> [n, H, D] in dtype `dt`."""
+    n = seg.end - seg.start
+    qs = q[seg.start : seg.end].transpose(0, 1).unsqueeze(0).to(dt)  # [1, H, n, D]
+    if seg.context_len == n:
+        # Whole prompt computed in this step: attend to the fresh k/v, plain causal mask.
+        ks = k[seg.start : seg.end].transpose(0, 1).unsqueeze(0).to(dt)
+        vs = v[seg.start : seg.end].transpose(0, 1).unsqueeze(0).to(dt)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        ks, vs = _gather(kv_cache, seg.block_table, dt)  # [KVH, L_padded, D]
+        ks = ks[:, : seg.context_len].unsqueeze(0)
+        vs = vs[:, : seg.context_len].unsqueeze(0)
+        # Query i sits at position context_len - n + i and sees keys up to that position.
+        q_pos = torch.arange(seg.context_len - n, seg.context_len, device=q.device).unsqueeze(1)
+        mask = torch.arange(seg.context_len, device=q.device).unsqueeze(0) <= q_pos
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o.squeeze(0).transpose(0, 1)
+
+
+def _decode_mask(meta: AttentionMetadata, width: int) -> torch.Tensor | None:
+    """[B, 1, 1, width] bool, True where a decode query's context has a token; None if none is padded."""
+    lens = meta.decode_lens
+    if bool((lens == width).all()):
+        return None
+    return (torch.arange(width, device=lens.device)[None, :] < lens[:, None])[:, None, None, :]
+
+
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
@@ -73,33 +108,42 @@ def paged_attention(
     if meta.decode_rows is not None and not meta.prefills:
         # Decode-only step (the common case): every row is a single-token query.
         kd, vd = _gather(kv_cache, meta.decode_block_table, dt)  # [B, KVH, L, D]
-        od = F.scaled_dot_product_attention(q.to(dt).unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale,
-                                            enable_gqa=gqa)
+        mask = _decode_mask(meta, kd.shape[2])
+        od = F.scaled_dot_product_attention(q.to(dt).unsqueeze(2), kd, vd, attn_mask=mask, scale=scale, enable_gqa=gqa)
         return od.reshape(T, H * D).to(q.dtype)
     out = q.new_empty(T, H, D)
     if meta.decode_rows is not None:
         kd, vd = _gather(kv_cache, meta.decode_block_table, dt)
         qd = q[meta.decode_rows].to(dt).unsqueeze(2)  # [B, H, 1, D]
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
+        mask = _decode_mask(meta, kd.shape[2])
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[meta.decode_rows] = od.squeeze(2).to(q.dtype)
     for seg in meta.prefills:
-        n = seg.end - seg.start
-        qs = q[seg.start : seg.end].transpose(0, 1).unsqueeze(0).to(dt)  # [1, H, n, D]
-        if seg.context_len == n:
-            # Whole prompt computed in this step: attend to the fresh k/v, plain causal mask.
-            ks = k[seg.start : seg.end].transpose(0, 1).unsqueeze(0).to(dt)
-            vs = v[seg.start : seg.end].transpose(0, 1).unsqueeze(0).to(dt)
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
-            ks, vs = _gather(kv_cache, seg.block_table, dt)  # [KVH, L_padded, D]
-            ks = ks[:, : seg.context_len].unsqueeze(0)
-            vs = vs[:, : seg.context_len].unsqueeze(0)
-            # Query i sits at position context_len - n + i and sees keys up to that position.
-            q_pos = torch.arange(seg.context_len - n, seg.context_len, device=q.device).unsqueeze(1)
-            mask = torch.arange(seg.context_len, device=q.device).unsqueeze(0) <= q_pos
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[seg.start : seg.end] = o.squeeze(0).transpose(0, 1).to(q.dtype)
+        out[seg.start : seg.end] = _prefill_attention(q, k, v, kv_cache, seg, scale, dt, gqa).to(q.dtype)
     return out.reshape(T, H * D)
+
+
+def paged_attention_fused(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, kv_cache: torch.Tensor,
+                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention for qkv [T, (H + 2 KVH) * D] whose q and k are already rotated and whose k/v are
+    already in the cache (ops.rope_write_kv): decode rows read the cache in place, prefill chunks
+    use SDPA. Returns [T, H*D] in qkv's dtype."""
+    ops = cpu_ops()
+    T = qkv.shape[0]
+    D = kv_cache.shape[-1]
+    out = qkv.new_empty(T, num_heads * D)
+    if meta.decode_rows is not None:
+        ops.paged_decode_attention(qkv, meta.decode_rows, kv_cache, meta.decode_block_table, meta.decode_lens,
+                                   num_heads, scale, out)
+    if meta.prefills:
+        hkv = qkv.view(T, num_heads + 2 * num_kv_heads, D)
+        q, k, v = hkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+        dt = attention_dtype(qkv.dtype, qkv.device)
+        gqa = num_heads != num_kv_heads
+        o3 = out.view(T, num_heads, D)
+        for seg in meta.prefills:
+            o3[seg.start : seg.end] = _prefill_attention(q, k, v, kv_cache, seg, scale, dt, gqa).to(qkv.dtype)
+    return out
 
 
 class Attention(torch.nn.Module):
@@ -134,9 +178,22 @@ class Attention(torch.nn.Module):
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.kv_cache: torch.Tensor | None = None  # bound by the model runner
 
-    def forward(self, x: torch.Tensor, rope, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
-        qkv = self.qkv_proj(x).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        ops = cpu_ops() if qkv.device.type == "cpu" else None
+        if ops is not None:
+            qn = None if self.q_norm is None else self.q_norm.weight
+            kn = None if self.k_norm is None else self.k_norm.weight
+            eps = 0.0 if self.q_norm is None else self.q_norm.eps
+            ops.rope_write_kv(qkv, meta.positions, rope.cos, rope.sin, rope.interleaved, self.num_heads,
+                              self.num_kv_heads, self.kv_cache, meta.slot_blocks, meta.slot_offsets, qn, kn, eps)
+            o = paged_attention_fused(qkv, self.num_heads, self.num_kv_heads, self.kv_cache, meta, self.scale)
+            return self.o_proj(o)
+        if cos is None:
+            cos, sin = rope.cos_sin(meta.positions)
+        qkv = qkv.view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         qk = qkv[:, : self.num_heads + self.num_kv_heads]
         if self.q_norm is not None:
             normed = torch.cat((self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])), dim=1)

@@ -16,6 +16,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import cpu_ops
+
 UPCAST_MIN_ROWS = 8
 
 
@@ -47,10 +49,48 @@ def float32_copy(owner: torch.nn.Module, name: str, weight: torch.Tensor) -> tor
     return cached[1]
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """AMX tiles (Sapphire Rapids and later): oneDNN's bf16 matmuls beat a GEMV from 2 rows up."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@functools.cache
+def gemv_max_rows() -> int:
+    """Most rows for which the kernels' weight-streaming GEMV beats torch's bf16 matmul here
+    (measured with benchmarks/gemv.py): it reads each weight once, but its compute grows with
+    the rows, while AMX and oneDNN's bf16 GEMM stay weight-bound to a few dozen rows."""
+    if cpu_has_amx():
+        return 1
+    return 4 if cpu_has_native_bf16() else UPCAST_MIN_ROWS - 1
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels' GEMV for a few bf16 rows, or None where torch's matmul is the better choice."""
+    if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or weight.device.type != "cpu":
+        return None
+    rows = x.numel() // x.shape[-1]
+    if rows > gemv_max_rows() or not weight.is_contiguous():
+        return None
+    ops = cpu_ops()
+    if ops is None:
+        return None
+    y = ops.linear(x.reshape(rows, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 class Linear(torch.nn.Linear):
-    """nn.Linear whose bf16 matmuls over many rows run in float32 on CPUs without bf16 units."""
+    """nn.Linear whose bf16 matmuls over many rows run in float32 on CPUs without bf16 units,
+    and over a few rows in the kernels' GEMV."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = small_linear(x, self.weight, self.bias)
+        if y is not None:
+            return y
         if upcast_for(x, self.weight):
             w = float32_copy(self, "_weight_fp32", self.weight)
             bias = None if self.bias is None else self.bias.float()

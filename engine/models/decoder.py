@@ -11,6 +11,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import cpu_ops
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.linear import Linear, float32_copy, upcast_for
 from engine.layers.mlp import GatedMLP
@@ -92,9 +93,12 @@ class DecoderLayer(torch.nn.Module):
         else:
             self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor | None,
+                sin: torch.Tensor | None, meta: AttentionMetadata, next_norm: RMSNorm) -> torch.Tensor:
+        """x: the float32 residual stream, updated in place; h: this layer's normed input.
+        Returns `next_norm` of the updated stream (the next layer's input, or the final norm)."""
+        h = self.post_attention_layernorm.add_(x, self.self_attn(h, rope, cos, sin, meta))
+        return next_norm.add_(x, self.mlp(h))
 
 
 class DecoderForCausalLM(torch.nn.Module):
@@ -113,10 +117,15 @@ class DecoderForCausalLM(torch.nn.Module):
         # The residual stream stays float32 in every dtype: in bf16 each layer's output is
         # rounded once, not the running sum, which keeps bf16 greedy output close to float32.
         x = self.embed_tokens(input_ids).float()
-        cos, sin = self.rope.cos_sin(positions)
-        for layer in self.layers:
-            x = layer(x, self.rope, cos, sin, meta)
-        return self.norm(x)
+        cos = sin = None
+        if not (x.device.type == "cpu" and cpu_ops() is not None):
+            cos, sin = self.rope.cos_sin(positions)
+        layers = self.layers
+        h = layers[0].input_layernorm.add_(x, None)
+        for i, layer in enumerate(layers):
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            h = layer(x, h, self.rope, cos, sin, meta, nxt)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits. In bf16 the head's output is rounded to 8 bits of mantissa (steps of

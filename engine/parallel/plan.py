@@ -17,10 +17,6 @@ def _list(t: torch.Tensor | None) -> Any:
 
 
 def encode(ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> dict[str, Any]:
-    mask_lens = None
-    if meta.decode_mask is not None:
-        # The mask is a prefix of True per row (see ModelRunner._prepare): its length says it all.
-        mask_lens = meta.decode_mask[:, 0, 0, :].sum(-1).tolist()
     return {
         "ids": ids.tolist(),
         "pos": positions.tolist(),
@@ -28,8 +24,7 @@ def encode(ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) 
         "slot_offsets": meta.slot_offsets.tolist(),
         "decode_rows": _list(meta.decode_rows),
         "decode_table": _list(meta.decode_block_table),
-        "mask_width": None if meta.decode_mask is None else int(meta.decode_mask.shape[-1]),
-        "mask_lens": mask_lens,
+        "decode_lens": _list(meta.decode_lens),
         "prefills": [[p.start, p.end, p.context_len, p.block_table.tolist()] for p in meta.prefills],
     }
 
@@ -38,16 +33,14 @@ def decode(plan: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, to
     def t(x: Any) -> torch.Tensor | None:
         return None if x is None else torch.tensor(x, dtype=torch.long, device=device)
 
-    mask = None
-    if plan["mask_lens"] is not None:
-        lens = torch.tensor(plan["mask_lens"], device=device)
-        mask = (torch.arange(plan["mask_width"], device=device)[None, :] < lens[:, None])[:, None, None, :]
+    pos = t(plan["pos"])
     meta = AttentionMetadata(
         slot_blocks=t(plan["slot_blocks"]),
         slot_offsets=t(plan["slot_offsets"]),
         decode_rows=t(plan["decode_rows"]),
         decode_block_table=t(plan["decode_table"]),
-        decode_mask=mask,
         prefills=tuple(PrefillSegment(a, b, c, t(tbl)) for a, b, c, tbl in plan["prefills"]),
+        positions=pos,
+        decode_lens=t(plan["decode_lens"]),
     )
-    return t(plan["ids"]), t(plan["pos"]), meta
+    return t(plan["ids"]), pos, meta

@@ -116,8 +116,15 @@ def test_logits_close_to_unquantized(arch, dtype, method, tiny_checkpoint, make_
         last.append(c[len(p) - 1])  # the prompt's last token: what the first sampled token comes from
         # Teacher-forced greedy: would the quantized model pick the baseline's next token?
         agree.append(q[len(p) - 1 : -1].argmax(-1) == torch.tensor(t))
-        # Sanity: the baseline's teacher-forced argmax is its own greedy output.
-        assert b[len(p) - 1 : -1].argmax(-1).tolist() == t
+        # Sanity: the baseline's greedy token is its teacher-forced top choice, up to rounding. In
+        # float32 exactly; in bf16 a one-row decode step and a many-row prefill round differently,
+        # so a near-tie may go either way: the greedy token must then be within a few bf16
+        # steps of the best logit.
+        rows = b[len(p) - 1 : -1]
+        picked = rows.gather(1, torch.tensor(t)[:, None]).squeeze(1)
+        best = rows.max(-1).values
+        slack = 0.0 if dtype == "float32" else 4 * 2.0**-8 * float(best.abs().max())
+        assert bool((picked >= best - slack).all()), (picked - best).tolist()
     mean_cos = torch.cat(cos).mean().item()
     assert mean_cos > MEAN_COS[method], f"mean cosine {mean_cos:.4f}"
     if method in LAST_COS:

@@ -1,0 +1,96 @@
+"""Native CPU kernels for the decode step, built on first use with torch's extension tooling.
+
+`cpu_ops()` returns the compiled module, or None where it cannot be used (no compiler, a CPU
+without AVX2/FMA, not x86-64, or `PDSERVE_CPU_KERNELS=0`); callers then take the plain torch
+path, which computes the same thing more slowly. The build (~1 min on 2 cores) is cached under
+`$PDSERVE_KERNEL_CACHE` (default `~/.cache/pdserve/kernels`) and redone when the source changes;
+`python -m engine.kernels` builds it ahead of time (the Makefile does, at install).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import platform
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_NAME = "pdserve_cpu_kernels"
+
+
+def kernel_cache_dir() -> Path:
+    return Path(os.environ.get("PDSERVE_KERNEL_CACHE") or Path.home() / ".cache" / "pdserve" / "kernels")
+
+
+def _unusable_reason() -> str | None:
+    if os.environ.get("PDSERVE_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "disabled by PDSERVE_CPU_KERNELS"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"no kernels for {platform.machine()}"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        return f"the CPU lacks AVX2/FMA (torch reports {cap})"
+    return None
+
+
+def build() -> ModuleType:
+    """Compile (or load the cached build of) the kernels; raises on failure."""
+    from torch.utils import cpp_extension
+
+    build_dir = kernel_cache_dir() / f"torch{torch.__version__.split('+')[0]}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=_NAME,
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-fopenmp"],
+        # at::parallel_for is inline OpenMP: without -fopenmp it runs serially. The soname
+        # libgomp.so.1 resolves to the copy torch already loaded, so both share one pool.
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        verbose=False,
+    )
+
+
+_disabled = False
+
+
+def cpu_ops() -> ModuleType | None:
+    """The kernel module, or None when it cannot be used here (or is switched off)."""
+    return None if _disabled else _load()
+
+
+@contextlib.contextmanager
+def kernels_disabled() -> Iterator[None]:
+    """Run the plain torch path inside the block (for comparisons in tests and benchmarks)."""
+    global _disabled
+    old, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = old
+
+
+@functools.cache
+def _load() -> ModuleType | None:
+    """Build or load once; None (with one log line saying why) when the kernels cannot be used."""
+    reason = _unusable_reason()
+    if reason is None:
+        try:
+            mod = build()
+            logger.info("CPU kernels loaded (%s)", mod.isa())
+            return mod
+        except Exception as exc:  # a missing compiler or ninja, a failed build
+            reason = f"build failed ({type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); is g++ installed?"
+    logger.warning("pdserve CPU kernels not used: %s; falling back to plain torch ops (slower decode)", reason)
+    return None
+
+
+def enabled() -> bool:
+    return cpu_ops() is not None

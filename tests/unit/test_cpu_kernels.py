@@ -1,0 +1,184 @@
+"""The native CPU kernels against plain torch references, in float32 and bfloat16, on shapes
+that hit every tail path (K not a multiple of the vector width, N not a multiple of 4, head_dim
+not a multiple of 8, query groups above the unrolled sizes, partial last blocks); and the whole
+engine with and without them."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import SamplingParams
+from engine.kernels import cpu_ops, kernels_disabled
+from tests.conftest import run_to_completion
+
+ops = cpu_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="kernels unavailable here (see the log line); the torch path is tested by the rest of the suite")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """float32: within accumulation-order noise; bf16: within one rounding of the output."""
+    out, ref = out.double(), ref.double()
+    scale = ref.abs().max().item() + 1e-6
+    rtol, atol = (1e-5, 1e-5 * scale) if dtype == torch.float32 else (2**-7, 2**-8 * scale)
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("n,k", [(64, 64), (37, 50), (130, 576), (8, 7)])
+def test_linear(dtype, rows, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g)
+    ref = x.double() @ w.double().T + bias.double()
+    out = ops.linear(x, w, bias)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    close(out, ref, dtype)
+    close(ops.linear(x, w, None), x.double() @ w.double().T, dtype)
+
+
+def test_linear_strided_rows_and_bad_input():
+    x = torch.randn(4, 100)[:, :64]  # rows strided, elements contiguous
+    w = torch.randn(16, 64)
+    close(ops.linear(x, w, None), x.double() @ w.double().T, torch.float32)
+    with pytest.raises(RuntimeError, match="shapes"):
+        ops.linear(torch.randn(2, 63), w, None)
+    with pytest.raises(RuntimeError, match="dtypes"):
+        ops.linear(torch.randn(2, 64), w.bfloat16(), None)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("delta_dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,h", [(1, 64), (5, 37), (40, 576)])
+def test_add_rms_norm(out_dtype, delta_dtype, t, h):
+    x = torch.randn(t, h)
+    w = torch.rand(h) + 0.5
+    delta = None if delta_dtype is None else torch.randn(t, h).to(delta_dtype)
+    expect_x = x.double() + (0 if delta is None else delta.double())
+    ref = expect_x * torch.rsqrt(expect_x.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    out = ops.add_rms_norm(x, delta, w, 1e-6, out_dtype == torch.bfloat16)
+    assert out.dtype == out_dtype
+    torch.testing.assert_close(x.double(), expect_x, rtol=1e-6, atol=1e-6)  # the residual is updated in place
+    close(out, ref, out_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,i", [(1, 128), (3, 13), (17, 1536)])
+def test_silu_mul(dtype, t, i):
+    gu = (torch.randn(t, 2 * i) * 4).to(dtype)
+    g, u = gu.double().split(i, dim=-1)
+    close(ops.silu_mul(gu), F.silu(g) * u, dtype)
+
+
+def _paged_setup(dtype, heads, kv_heads, head_dim, block_size, lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    blocks_per = [(n + block_size - 1) // block_size for n in lens]
+    num_blocks = sum(blocks_per) + 3
+    cache = torch.randn(num_blocks, 2, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g)
+    width = max(blocks_per)
+    table = torch.zeros(len(lens), width, dtype=torch.long)
+    pos = 0
+    for i, nb in enumerate(blocks_per):
+        table[i, :nb] = perm[pos : pos + nb]
+        pos += nb
+    return cache, table
+
+
+def _reference_attention(q, cache, table, lens, heads, scale):
+    """Per sequence: gather its tokens and run float64 softmax attention with GQA."""
+    bs, kvh = cache.shape[2], cache.shape[3]
+    outs = []
+    for i, n in enumerate(lens):
+        blocks = cache[table[i, : (n + bs - 1) // bs]].double()  # [nb, 2, bs, kvh, d]
+        k = blocks[:, 0].flatten(0, 1)[:n]  # [n, kvh, d]
+        v = blocks[:, 1].flatten(0, 1)[:n]
+        k = k.repeat_interleave(heads // kvh, dim=1)
+        v = v.repeat_interleave(heads // kvh, dim=1)
+        qi = q[i].double()  # [H, D]
+        p = torch.softmax(torch.einsum("hd,nhd->hn", qi, k) * scale, dim=-1)
+        outs.append(torch.einsum("hn,nhd->hd", p, v).reshape(-1))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 24), (18, 2, 32), (6, 1, 8)])
+def test_paged_decode_attention(dtype, heads, kv_heads, head_dim):
+    lens = [1, 7, 16, 17, 40, 129]
+    bs = 16
+    cache, table = _paged_setup(dtype, heads, kv_heads, head_dim, bs, lens)
+    T = len(lens) + 2
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(T, width).to(dtype)
+    rows = torch.tensor([0, 2, 3, 4, 6, 7])  # decode rows among other (prefill) rows
+    out = torch.full((T, heads * head_dim), 7.0, dtype=dtype)
+    scale = head_dim**-0.5
+    ops.paged_decode_attention(qkv, rows, cache, table, torch.tensor(lens), heads, scale, out)
+    q = qkv[rows, : heads * head_dim].view(len(lens), heads, head_dim)
+    close(out[rows], _reference_attention(q, cache, table, lens, heads, scale), dtype)
+    untouched = [r for r in range(T) if r not in rows.tolist()]
+    assert bool((out[untouched] == 7.0).all())
+
+
+def test_paged_decode_attention_rejects_bad_tables():
+    cache, table = _paged_setup(torch.float32, 4, 2, 16, 16, [20])
+    qkv, out = torch.randn(1, 128), torch.empty(1, 64)
+    with pytest.raises(RuntimeError, match="context length"):
+        ops.paged_decode_attention(qkv, torch.tensor([0]), cache, table, torch.tensor([33]), 4, 0.25, out)
+    table[0, 1] = 10_000
+    with pytest.raises(RuntimeError, match="block id"):
+        ops.paged_decode_attention(qkv, torch.tensor([0]), cache, table, torch.tensor([20]), 4, 0.25, out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_write_kv(dtype, interleaved, qk_norm):
+    from engine.layers.rotary import RotaryEmbedding
+
+    heads, kv_heads, d, bs, T = 4, 2, 16, 8, 11
+    rope = RotaryEmbedding(d, 64, 10000.0, interleaved)
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * d).to(dtype)
+    positions = torch.randint(0, 64, (T,))
+    cache = torch.zeros(6, 2, bs, kv_heads, d, dtype=dtype)
+    slots = torch.randperm(6 * bs)[:T]
+    qn = torch.rand(d) + 0.5 if qk_norm else None
+    kn = torch.rand(d) + 0.5 if qk_norm else None
+    before = qkv.clone()
+    ops.rope_write_kv(qkv, positions, rope.cos, rope.sin, interleaved, heads, kv_heads, cache, slots // bs, slots % bs,
+                      qn, kn, 1e-6)
+    x = before.double().view(T, heads + 2 * kv_heads, d)
+    qk = x[:, : heads + kv_heads]
+    if qk_norm:
+        w = torch.cat([qn.double().expand(heads, d), kn.double().expand(kv_heads, d)])
+        qk = qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    cos, sin = rope.cos[positions].double().unsqueeze(1), rope.sin[positions].double().unsqueeze(1)
+    swapped = qk.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) if interleaved else qk.roll(d // 2, dims=-1)
+    ref_qk = qk * cos + swapped * sin
+    got = qkv.view(T, heads + 2 * kv_heads, d)
+    close(got[:, : heads + kv_heads], ref_qk, dtype)
+    assert torch.equal(got[:, heads + kv_heads :], before.view(T, -1, d)[:, heads + kv_heads :])  # v untouched
+    written_k = cache[slots // bs, 0, slots % bs]
+    written_v = cache[slots // bs, 1, slots % bs]
+    assert torch.equal(written_k, got[:, heads : heads + kv_heads])
+    assert torch.equal(written_v, got[:, heads + kv_heads :])
+    with pytest.raises(RuntimeError, match="position"):
+        ops.rope_write_kv(qkv, positions + 64, rope.cos, rope.sin, interleaved, heads, kv_heads, cache, slots // bs,
+                          slots % bs, qn, kn, 1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "ernie45", "qwen3"])
+def test_engine_same_tokens_with_and_without_kernels(arch, tiny_checkpoint, make_engine):
+    """The kernels change how, not what: float32 greedy tokens are identical on both paths,
+    for prompts that prefill in chunks, decode in batches and mix both in one step."""
+    path = tiny_checkpoint(arch)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 30, 9, 50)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    fast = run_to_completion(make_engine(path, max_num_batched_tokens=24), prompts, params)
+    with kernels_disabled():
+        plain = run_to_completion(make_engine(path, max_num_batched_tokens=24), prompts, params)
+    assert fast == plain
