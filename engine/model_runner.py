@@ -50,6 +50,12 @@ class ModelRunner:
 
             quantize_model(model, mc.quantization)
         self.model = model.eval()
+        if self.device.type == "cpu" and mc.dtype == torch.bfloat16:
+            from engine.layers.linear import prepack
+
+            packed = prepack(self.model)
+            if packed:
+                logger.info("decode GEMV layout: %.0f MiB of weights packed", packed / 2**20)
         logger.info("loaded %s (%s, %s) in %.1fs", mc.path, mc.architecture, mc.dtype_name, time.monotonic() - t0)
 
         self.kv_shape_per_block = (2, self.block_size, mc.num_kv_heads, mc.head_dim)

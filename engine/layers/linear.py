@@ -61,26 +61,60 @@ def cpu_has_amx() -> bool:
 
 @functools.cache
 def gemv_max_rows() -> int:
-    """Most rows for which the kernels' weight-streaming GEMV beats torch's bf16 matmul here
-    (measured with benchmarks/gemv.py): it reads each weight once, but its compute grows with
-    the rows, while AMX and oneDNN's bf16 GEMM stay weight-bound to a few dozen rows."""
+    """Most rows for which the kernels' packed GEMV beats torch's bf16 matmul here (measured with
+    benchmarks/gemv.py): it streams each weight once with no per-call re-layout, but its compute
+    grows with the rows, while oneDNN's AMX GEMM costs the same from 1 to ~16 rows."""
     if cpu_has_amx():
-        return 1
-    return 4 if cpu_has_native_bf16() else UPCAST_MIN_ROWS - 1
+        return 12
+    return 16 if cpu_has_native_bf16() else UPCAST_MIN_ROWS - 1
 
 
-def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+def packed_copy(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+    """The kernels' packed layout of a bf16 `weight`, made once and cached on `owner` (rebuilt if
+    the weight object changes); None where the layout does not apply (odd K)."""
+    cached = owner.__dict__.get("_weight_packed")
+    if cached is None or cached[0] is not weight:
+        from engine.kernels.packing import pack_bf16
+
+        packed = pack_bf16(weight) if weight.shape[1] % 2 == 0 else None
+        cached = (weight, packed)
+        owner.__dict__["_weight_packed"] = cached
+    return cached[1]
+
+
+def small_linear(owner: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor | None:
     """The kernels' GEMV for a few bf16 rows, or None where torch's matmul is the better choice."""
     if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or weight.device.type != "cpu":
         return None
-    rows = x.numel() // x.shape[-1]
+    k = x.shape[-1]
+    rows = x.numel() // k
     if rows > gemv_max_rows() or not weight.is_contiguous():
         return None
     ops = cpu_ops()
     if ops is None:
         return None
-    y = ops.linear(x.reshape(rows, x.shape[-1]), weight, bias)
+    x2 = x.reshape(rows, k)
+    packed = packed_copy(owner, weight)
+    if packed is not None:
+        if x2.stride(0) % 2 or x2.data_ptr() % 4:
+            x2 = x2.contiguous()
+        y = ops.linear_packed(x2, packed, weight.shape[0], bias)
+    else:
+        y = ops.linear(x2, weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def prepack(model: torch.nn.Module) -> int:
+    """Pack every bf16 Linear's weight now (not on the first decode step); returns bytes packed."""
+    if cpu_ops() is None:
+        return 0
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, Linear) and mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu":
+            packed = packed_copy(mod, mod.weight)
+            total += 0 if packed is None else packed.numel() * packed.element_size()
+    return total
 
 
 class Linear(torch.nn.Linear):
@@ -88,7 +122,7 @@ class Linear(torch.nn.Linear):
     and over a few rows in the kernels' GEMV."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = small_linear(x, self.weight, self.bias)
+        y = small_linear(self, x, self.weight, self.bias)
         if y is not None:
             return y
         if upcast_for(x, self.weight):

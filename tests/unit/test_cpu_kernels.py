@@ -40,6 +40,25 @@ def test_linear(dtype, rows, n, k):
     close(ops.linear(x, w, None), x.double() @ w.double().T, dtype)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17])
+@pytest.mark.parametrize("n,k", [(16, 2), (37, 64), (130, 576), (33, 1536)])
+def test_linear_packed(rows, n, k):
+    from engine.kernels.packing import pack_bf16
+
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g)
+    packed = pack_bf16(w)
+    assert packed.shape == ((n + 15) // 16, k // 2, 16, 2)
+    close(ops.linear_packed(x, packed, n, bias), x.double() @ w.double().T + bias.double(), torch.bfloat16)
+    close(ops.linear_packed(x, packed, n, None), x.double() @ w.double().T, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="shapes"):
+        ops.linear_packed(x, packed, n + 16, None)
+    with pytest.raises(ValueError, match="even K"):
+        pack_bf16(torch.randn(4, 3).bfloat16())
+
+
 def test_linear_strided_rows_and_bad_input():
     x = torch.randn(4, 100)[:, :64]  # rows strided, elements contiguous
     w = torch.randn(16, 64)

@@ -283,6 +283,125 @@ void check_float(const torch::Tensor& t, const char* name) {
               " must be float32 or bfloat16, got ", t.scalar_type());
 }
 
+// ---------------------------------------------------------------- packed GEMV
+// Weights prepacked (engine/kernels/packing.py) as [N/16][K/2][16][2] bf16: tile t, pair p holds
+// w[16t + i][2p + j] at [t][p][i][j]. One 64-byte load is 16 output rows x 2 k, which a BF16
+// dot product (or two shifts and FMAs on AVX2) adds into 16 row accumulators at once: no
+// horizontal sums, and each tile is one sequential stream of K * 32 bytes.
+struct PackedArgs {
+  const bf16* x;
+  int64_t ldx;
+  int64_t B;
+  const bf16* w;  // packed
+  int64_t K;      // even
+  int64_t N;
+  const float* bias;
+  bf16* y;
+  int64_t ldy;
+};
+
+template <int NB>
+PDS_AVX512BF16 void packed_tiles_avx512bf16(const PackedArgs& a, int64_t t0, int64_t t1, int64_t b0) {
+  const int64_t KP = a.K / 2;
+  for (int64_t t = t0; t < t1; t += 2) {
+    const int nt = t + 1 < t1 ? 2 : 1;
+    const bf16* w0 = a.w + t * KP * 32;
+    const bf16* w1 = w0 + (nt == 2 ? KP * 32 : 0);
+    __m512 acc[2][NB];
+    for (int r = 0; r < 2; ++r)
+      for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_setzero_ps();
+    const int32_t* xr[NB];
+    for (int c = 0; c < NB; ++c) xr[c] = reinterpret_cast<const int32_t*>(a.x + (b0 + c) * a.ldx);
+    for (int64_t p = 0; p < KP; ++p) {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + p * 32 + PF_ROWS * 32), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + p * 32 + PF_ROWS * 32), _MM_HINT_T0);
+      const __m512i v0 = _mm512_loadu_si512(w0 + p * 32);
+      const __m512i v1 = _mm512_loadu_si512(w1 + p * 32);
+      for (int c = 0; c < NB; ++c) {
+        const __m512i xb = _mm512_set1_epi32(xr[c][p]);
+        acc[0][c] = _mm512_dpbf16_ps(acc[0][c], (__m512bh)v0, (__m512bh)xb);
+        acc[1][c] = _mm512_dpbf16_ps(acc[1][c], (__m512bh)v1, (__m512bh)xb);
+      }
+    }
+    for (int r = 0; r < nt; ++r) {
+      const int64_t n0 = (t + r) * 16;
+      const int64_t valid = std::min<int64_t>(16, a.N - n0);
+      const __mmask16 m = __mmask16((1u << valid) - 1u);
+      __m512 bias = a.bias ? _mm512_maskz_loadu_ps(m, a.bias + n0) : _mm512_setzero_ps();
+      for (int c = 0; c < NB; ++c) {
+        alignas(64) float tmp[16];
+        _mm512_store_ps(tmp, _mm512_add_ps(acc[r][c], bias));
+        bf16* yr = a.y + (b0 + c) * a.ldy + n0;
+        for (int64_t i = 0; i < valid; ++i) yr[i] = f2bf(tmp[i]);
+      }
+    }
+  }
+}
+
+template <int NB>
+void packed_tiles_avx2(const PackedArgs& a, int64_t t0, int64_t t1, int64_t b0) {
+  const int64_t KP = a.K / 2;
+  const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
+  for (int64_t t = t0; t < t1; ++t) {
+    const bf16* w = a.w + t * KP * 32;
+    __m256 acc[2][NB];
+    for (int r = 0; r < 2; ++r)
+      for (int c = 0; c < NB; ++c) acc[r][c] = _mm256_setzero_ps();
+    const bf16* xr[NB];
+    for (int c = 0; c < NB; ++c) xr[c] = a.x + (b0 + c) * a.ldx;
+    for (int64_t p = 0; p < KP; ++p) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + p * 32 + PF_ROWS * 32), _MM_HINT_T0);
+      __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32));
+      __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32 + 16));
+      // Lane i holds (w[i][2p], w[i][2p+1]) as (low, high) halves: each half is a bf16's float.
+      const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
+      const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(lo, hi_mask));
+      const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
+      const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(hi, hi_mask));
+      for (int c = 0; c < NB; ++c) {
+        const __m256 xe = _mm256_set1_ps(bf2f(xr[c][2 * p]));
+        const __m256 xo = _mm256_set1_ps(bf2f(xr[c][2 * p + 1]));
+        acc[0][c] = _mm256_fmadd_ps(o0, xo, _mm256_fmadd_ps(e0, xe, acc[0][c]));
+        acc[1][c] = _mm256_fmadd_ps(o1, xo, _mm256_fmadd_ps(e1, xe, acc[1][c]));
+      }
+    }
+    const int64_t n0 = t * 16;
+    const int64_t valid = std::min<int64_t>(16, a.N - n0);
+    for (int c = 0; c < NB; ++c) {
+      alignas(32) float tmp[16];
+      _mm256_store_ps(tmp, acc[0][c]);
+      _mm256_store_ps(tmp + 8, acc[1][c]);
+      bf16* yr = a.y + (b0 + c) * a.ldy + n0;
+      for (int64_t i = 0; i < valid; ++i) yr[i] = f2bf(tmp[i] + (a.bias ? a.bias[n0 + i] : 0.f));
+    }
+  }
+}
+
+void packed_range(const PackedArgs& a, int64_t t0, int64_t t1) {
+  int64_t b = 0;
+  if (kIsa == Isa::kAvx512Bf16) {
+    for (; b + 8 <= a.B; b += 8) packed_tiles_avx512bf16<8>(a, t0, t1, b);
+    switch (a.B - b) {
+      case 7: packed_tiles_avx512bf16<7>(a, t0, t1, b); break;
+      case 6: packed_tiles_avx512bf16<6>(a, t0, t1, b); break;
+      case 5: packed_tiles_avx512bf16<5>(a, t0, t1, b); break;
+      case 4: packed_tiles_avx512bf16<4>(a, t0, t1, b); break;
+      case 3: packed_tiles_avx512bf16<3>(a, t0, t1, b); break;
+      case 2: packed_tiles_avx512bf16<2>(a, t0, t1, b); break;
+      case 1: packed_tiles_avx512bf16<1>(a, t0, t1, b); break;
+      default: break;
+    }
+  } else {
+    for (; b + 4 <= a.B; b += 4) packed_tiles_avx2<4>(a, t0, t1, b);
+    switch (a.B - b) {
+      case 3: packed_tiles_avx2<3>(a, t0, t1, b); break;
+      case 2: packed_tiles_avx2<2>(a, t0, t1, b); break;
+      case 1: packed_tiles_avx2<1>(a, t0, t1, b); break;
+      default: break;
+    }
+  }
+}
+
 // ---------------------------------------------------------------- exported ops
 
 // x [B, K] (rows may be strided, elements contiguous), w [N, K] contiguous, same dtype; bias [N]
@@ -311,6 +430,34 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
   for (int64_t n = tiles * 4; n < N; ++n) {
     if (is_bf16) gemv_row_scalar<bf16>(a, n); else gemv_row_scalar<float>(a, n);
   }
+  return y;
+}
+
+// x [B, K] bf16 (rows may be strided), w packed [ceil(N/16), K/2, 16, 2] bf16; bias [N] or
+// absent. Returns [B, N] bf16, accumulated in float32.
+torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                            const c10::optional<torch::Tensor>& bias) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "linear_packed: bf16 only");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "linear_packed: x must be [B, K] with contiguous rows");
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 16 && w.size(3) == 2 && w.is_contiguous(), "linear_packed: w must be packed [N/16, K/2, 16, 2]");
+  const int64_t K = x.size(1), B = x.size(0);
+  TORCH_CHECK(K % 2 == 0 && w.size(1) * 2 == K && w.size(0) == (n + 15) / 16, "linear_packed: shapes ", x.sizes(), " and ", w.sizes(), " for N=", n);
+  TORCH_CHECK(x.stride(0) % 2 == 0 && (reinterpret_cast<uintptr_t>(x.data_ptr()) % 4) == 0, "linear_packed: x rows must be 4-byte aligned");
+  torch::Tensor b32;
+  if (bias.has_value() && bias->defined()) {
+    b32 = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b32.numel() == n, "linear_packed: bias size");
+  }
+  auto y = torch::empty({B, n}, x.options());
+  if (B == 0 || n == 0) return y;
+  PackedArgs a{reinterpret_cast<const bf16*>(x.data_ptr()), x.stride(0), B, reinterpret_cast<const bf16*>(w.data_ptr()),
+               K, n, b32.defined() ? b32.data_ptr<float>() : nullptr, reinterpret_cast<bf16*>(y.data_ptr()), n};
+  const int64_t tiles = w.size(0);
+  const int64_t grain = std::max<int64_t>(2, 32768 / std::max<int64_t>(K * 32, 1) * 2);
+  at::parallel_for(0, (tiles + 1) / 2, std::max<int64_t>(1, grain / 2), [&](int64_t p0, int64_t p1) {
+    packed_range(a, p0 * 2, std::min(tiles, p1 * 2));
+  });
   return y;
 }
 
@@ -703,6 +850,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pdserve CPU decode kernels";
   m.def("linear", &linear, "small-batch linear (GEMV) streaming each weight once", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none());
+  m.def("linear_packed", &linear_packed, "small-batch linear over prepacked bf16 weights", py::arg("x"), py::arg("w"),
+        py::arg("n"), py::arg("bias") = py::none());
   m.def("add_rms_norm", &add_rms_norm, "x += delta (in place); rms_norm(x) * w", py::arg("x"), py::arg("delta"),
         py::arg("weight"), py::arg("eps"), py::arg("out_bf16"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [T, 2I]");

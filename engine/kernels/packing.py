@@ -1,0 +1,15 @@
+"""Weight layouts for the kernels: bf16 [N, K] -> [ceil(N/16), K/2, 16, 2] (see linear_packed)."""
+from __future__ import annotations
+
+import torch
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """Tile 16 output rows x 2 inputs per 64 bytes, zero-padded to whole tiles; K must be even."""
+    n, k = weight.shape
+    if weight.dtype != torch.bfloat16 or k % 2:
+        raise ValueError(f"pack_bf16 needs a bf16 [N, K] weight with even K, got {weight.dtype} {tuple(weight.shape)}")
+    tiles = (n + 15) // 16
+    padded = weight.new_zeros(tiles * 16, k)
+    padded[:n] = weight
+    return padded.view(tiles, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
