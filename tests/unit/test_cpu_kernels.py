@@ -124,7 +124,7 @@ def _reference_attention(q, cache, table, lens, heads, scale):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 24), (18, 2, 32), (6, 1, 8)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 24), (18, 2, 32), (6, 1, 8), (16, 2, 128), (5, 5, 96)])
 def test_paged_decode_attention(dtype, heads, kv_heads, head_dim):
     lens = [1, 7, 16, 17, 40, 129]
     bs = 16

@@ -748,6 +748,86 @@ void attn_group_generic(const float* qf, const T* const* k_rows, const T* const*
       for (int64_t d = 0; d < D; ++d) acc[g * D + d] += sc[g * Lp + t] * load1(v_rows[t] + d);
 }
 
+// The AVX-512 BF16 variant for bf16 caches with D % 32 == 0: scores from BF16 dot products of
+// the raw bf16 query and key (scaled afterwards), values in 16-lane float registers.
+PDS_AVX512BF16 inline __m512 load16_bf16(const bf16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int G>
+PDS_AVX512BF16 void attn_group_bf16_avx512(const bf16* qh, float scale, const bf16* const* k_rows,
+                                           const bf16* const* v_rows, int64_t L, int64_t Lp, int64_t D, float* sc,
+                                           float* acc, float* pbuf) {
+  const int64_t nc = D / 32;
+  for (int64_t t0 = 0; t0 < L; t0 += 8) {
+    const int64_t n = std::min<int64_t>(8, L - t0);
+    for (int64_t o = 0; o < 8; ++o) {
+      __m512 ag[G];
+      for (int g = 0; g < G; ++g) ag[g] = _mm512_setzero_ps();
+      if (o < n) {
+        const bf16* k = k_rows[t0 + o];
+        for (int64_t c = 0; c < nc; ++c) {
+          const __m512i kv = _mm512_loadu_si512(k + c * 32);
+          for (int g = 0; g < G; ++g)
+            ag[g] = _mm512_dpbf16_ps(ag[g], (__m512bh)kv, (__m512bh)_mm512_loadu_si512(qh + g * D + c * 32));
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(ag[g]), _mm512_extractf32x8_ps(ag[g], 1));
+        _mm256_storeu_ps(pbuf + (g * 8 + o) * 8, half);
+      }
+    }
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (int g = 0; g < G; ++g) {
+      __m256 v[8];
+      for (int o = 0; o < 8; ++o) v[o] = _mm256_loadu_ps(pbuf + (g * 8 + o) * 8);
+      _mm256_storeu_ps(sc + g * Lp + t0, _mm256_mul_ps(hsum8x8(v), sv));
+    }
+  }
+  softmax_rows(sc, G, L, Lp);
+  constexpr int DB = G <= 6 ? 4 : 2;  // 16-float chunks per pass: G * DB accumulators
+  const int64_t chunks = D / 16;
+  for (int64_t c0 = 0; c0 < chunks; c0 += DB) {
+    const int nb = int(std::min<int64_t>(DB, chunks - c0));
+    __m512 ag[G][DB];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < DB; ++c) ag[g][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < L; ++t) {
+      __m512 vv[DB];
+      for (int c = 0; c < DB; ++c) vv[c] = c < nb ? load16_bf16(v_rows[t] + (c0 + c) * 16) : _mm512_setzero_ps();
+      for (int g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(sc[g * Lp + t]);
+        for (int c = 0; c < DB; ++c) ag[g][c] = _mm512_fmadd_ps(p, vv[c], ag[g][c]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < nb; ++c) _mm512_storeu_ps(acc + g * D + (c0 + c) * 16, ag[g][c]);
+  }
+}
+
+template <typename T>
+bool attn_group_fast(const T*, float, const T* const*, const T* const*, int64_t, int64_t, int64_t, int64_t, float*,
+                     float*, float*) {
+  return false;
+}
+
+template <>
+bool attn_group_fast<bf16>(const bf16* qh, float scale, const bf16* const* k_rows, const bf16* const* v_rows,
+                           int64_t G, int64_t L, int64_t Lp, int64_t D, float* sc, float* acc, float* pbuf) {
+  if (kIsa != Isa::kAvx512Bf16 || D % 32 != 0) return false;
+  switch (G) {
+    case 1: attn_group_bf16_avx512<1>(qh, scale, k_rows, v_rows, L, Lp, D, sc, acc, pbuf); return true;
+    case 2: attn_group_bf16_avx512<2>(qh, scale, k_rows, v_rows, L, Lp, D, sc, acc, pbuf); return true;
+    case 3: attn_group_bf16_avx512<3>(qh, scale, k_rows, v_rows, L, Lp, D, sc, acc, pbuf); return true;
+    case 4: attn_group_bf16_avx512<4>(qh, scale, k_rows, v_rows, L, Lp, D, sc, acc, pbuf); return true;
+    case 5: attn_group_bf16_avx512<5>(qh, scale, k_rows, v_rows, L, Lp, D, sc, acc, pbuf); return true;
+    case 6: attn_group_bf16_avx512<6>(qh, scale, k_rows, v_rows, L, Lp, D, sc, acc, pbuf); return true;
+    case 8: attn_group_bf16_avx512<8>(qh, scale, k_rows, v_rows, L, Lp, D, sc, acc, pbuf); return true;
+    default: return false;
+  }
+}
+
 template <typename T>
 void decode_attn_task(const T* q, int64_t ldq, const int64_t* rows, const T* cache, int64_t BS, int64_t KVH, int64_t D,
                       const int64_t* table, int64_t ldt, const int64_t* lens, int64_t H, float scale, T* out,
@@ -773,7 +853,9 @@ void decode_attn_task(const T* q, int64_t ldq, const int64_t* rows, const T* cac
       v_rows[t] = kb + (BS + o) * tok;
     }
   }
-  if (D % 8 != 0) {
+  if (attn_group_fast(qrow + kvh * G * D, scale, k_rows, v_rows, G, L, Lp, D, sc, acc, pbuf)) {
+    // done: bf16 on AVX-512 BF16
+  } else if (D % 8 != 0) {
     attn_group_generic(qf, k_rows, v_rows, G, L, Lp, D, sc, acc);
   } else {
     switch (G) {
