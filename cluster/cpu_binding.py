@@ -88,3 +88,20 @@ def pin_process(cores: CoreSet) -> None:
         except (ProcessLookupError, PermissionError, OSError) as exc:
             logger.debug("could not pin thread %s: %s", tid, exc)
     logger.info("pinned to cores %s", ",".join(map(str, cores)))
+
+
+def reset_niceness() -> None:
+    """Every thread of this process back to nice 0 where it runs niced (Linux niceness is per
+    thread; threads started later inherit their creator's). Without the privilege to raise
+    priority, one warning says how to start Ray instead."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            nice = os.getpriority(os.PRIO_PROCESS, int(tid))
+            if nice > 0:
+                os.setpriority(os.PRIO_PROCESS, int(tid), 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            logger.warning("worker threads run at nice %d (Ray's worker_niceness) and may not be raised; "
+                           "start Ray with RAY_worker_niceness=0", nice)
+            return

@@ -57,8 +57,12 @@ class ServeSession:
             cpus = sum(spec.num_cpus for spec in c.worker_specs(self.redis_url))
             # A short path: Ray's unix sockets live under it and have a ~100 character limit.
             self._ray_tmp = tempfile.mkdtemp(prefix="pdray-", dir="/tmp")
+            # Ray starts worker processes at nice 15 by default: then the router, the clients and
+            # anything else on the host preempt the engine, and its OpenMP threads stall on each
+            # other at every barrier. Serving workers are the critical path: nice 0.
             ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=self._ray_tmp,
-                     logging_level=logging.WARNING, log_to_driver=False)
+                     logging_level=logging.WARNING, log_to_driver=False,
+                     _system_config={"worker_niceness": 0})
         self._started_ray = True
 
     def start_workers(self, timeout_s: float = 600.0) -> list[dict]:

@@ -1,7 +1,7 @@
 """What the engine returns: vLLM-shaped, immutable snapshots of a request's progress."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -29,3 +29,19 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     kv_held: bool = False  # prefill done, blocks pinned for export (hold_kv requests)
+
+
+def coalesce(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One snapshot standing for two consecutive ones of the same request: `later`'s state with
+    the deltas (new tokens and text) of both, so a consumer that fell behind the engine gets one
+    message for several steps instead of one per step."""
+    if earlier.request_id != later.request_id:
+        raise ValueError(f"cannot coalesce snapshots of {earlier.request_id!r} and {later.request_id!r}")
+    by_index = {c.index: c for c in earlier.outputs}
+    outputs = []
+    for c in later.outputs:
+        e = by_index.get(c.index)
+        if e is not None:
+            c = replace(c, new_token_ids=e.new_token_ids + c.new_token_ids, new_text=e.new_text + c.new_text)
+        outputs.append(c)
+    return replace(later, outputs=tuple(outputs))

@@ -26,6 +26,11 @@ class WorkerActor:
             from cluster.cpu_binding import pin_process
 
             pin_process(self.spec.cpu_cores)
+        from cluster.cpu_binding import reset_niceness
+
+        # Ray starts workers at nice 15 (its `worker_niceness`): an engine at nice 15 loses its
+        # cores to every other process on the host.
+        reset_niceness()
         import torch
 
         torch.set_num_threads(self.spec.num_threads)

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, coalesce
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -136,9 +136,19 @@ class EngineLoop:
 
     async def _drain(self, request_id: str, sink: _Sink) -> AsyncIterator[RequestOutput]:
         finished = False
+        held: RequestOutput | BaseException | None = None
         try:
             while True:
-                item = await sink.queue.get()
+                item = held if held is not None else await sink.queue.get()
+                held = None
+                # Snapshots that piled up while the consumer was busy go out as one (their token
+                # deltas joined); nothing waits for more: the first token is never delayed.
+                while not isinstance(item, BaseException) and not item.finished and not sink.queue.empty():
+                    nxt = sink.queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        held = nxt
+                        break
+                    item = coalesce(item, nxt)
                 if isinstance(item, BaseException):
                     finished = True  # the engine side already dropped it
                     raise item

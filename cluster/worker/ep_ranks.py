@@ -30,7 +30,10 @@ class EPRankActor:
         return os.getpid(), ray.get_runtime_context().get_placement_group_id() or None
 
     def run(self, config_json: str) -> int:
+        from cluster.cpu_binding import reset_niceness
         from engine.parallel.worker import serve_rank
+
+        reset_niceness()  # Ray's default nice 15 would let any process stall the group's collectives
 
         logging.basicConfig(level=logging.WARNING)
         return serve_rank(json.loads(config_json))

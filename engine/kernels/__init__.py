@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -21,7 +22,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("gemv.cpp", "attention.cpp", "elementwise.cpp", "bindings.cpp")
 _NAME = "pdserve_cpu_kernels"
 
 
@@ -44,11 +46,15 @@ def build() -> ModuleType:
     """Compile (or load the cached build of) the kernels; raises on failure."""
     from torch.utils import cpp_extension
 
-    build_dir = kernel_cache_dir() / f"torch{torch.__version__.split('+')[0]}"
+    # Keyed by the sources (header included) and torch: any change builds afresh, in its own folder.
+    digest = hashlib.sha256(torch.__version__.encode())
+    for f in sorted(_CSRC.iterdir()):
+        digest.update(f.name.encode() + f.read_bytes())
+    build_dir = kernel_cache_dir() / digest.hexdigest()[:16]
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=_NAME,
-        sources=[str(_SOURCE)],
+        sources=[str(_CSRC / f) for f in _SOURCES],
         extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-fopenmp"],
         # at::parallel_for is inline OpenMP: without -fopenmp it runs serially. The soname
         # libgomp.so.1 resolves to the copy torch already loaded, so both share one pool.

@@ -12,6 +12,7 @@ of the bf16 weights.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -61,11 +62,15 @@ def cpu_has_amx() -> bool:
 
 @functools.cache
 def gemv_max_rows() -> int:
-    """Most rows for which the kernels' packed GEMV beats torch's bf16 matmul here (measured with
-    benchmarks/gemv.py): it streams each weight once with no per-call re-layout, but its compute
-    grows with the rows, while oneDNN's AMX GEMM costs the same from 1 to ~16 rows."""
+    """Most rows for which the kernels' packed GEMV beats torch's bf16 matmul here (measured in
+    whole decode steps with `pdserve bench-engine`; `PDSERVE_GEMV_MAX_ROWS` overrides): it streams
+    each weight once with no per-call re-layout, but its compute grows with the rows, while
+    oneDNN's GEMM (AMX where present) costs about the same from 1 to ~32 rows."""
+    env = os.environ.get("PDSERVE_GEMV_MAX_ROWS")
+    if env:
+        return int(env)
     if cpu_has_amx():
-        return 12
+        return 24
     return 16 if cpu_has_native_bf16() else UPCAST_MIN_ROWS - 1
 
 

@@ -45,6 +45,30 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _check_workers_have_their_own_cores(pids: set[int]) -> None:
+    """--cpu-bind auto (the default): the prefill and the decode worker each run on a core of
+    their own when this process may use two or more; otherwise neither is pinned."""
+    from cluster.cpu_binding import parse_core_list
+
+    def cmdline(p: int) -> str:
+        try:
+            return Path(f"/proc/{p}/cmdline").read_text()
+        except OSError:
+            return ""
+
+    workers = [p for p in pids if "WorkerActor" in cmdline(p)]
+    assert len(workers) == 2, [cmdline(p)[:80] for p in pids]
+    allowed = []
+    for p in workers:
+        line = next(ln for ln in Path(f"/proc/{p}/status").read_text().splitlines() if ln.startswith("Cpus_allowed_list"))
+        allowed.append(list(parse_core_list(line.split(":", 1)[1].strip())))
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:
+        assert sorted(allowed) == [[cores[0]], [cores[1]]], allowed
+    else:
+        assert allowed == [cores, cores], allowed
+
+
 def test_serve_answers_then_ctrl_c_leaves_nothing_behind():
     exe = Path(sys.executable).with_name("pdserve")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -74,6 +98,7 @@ def test_serve_answers_then_ctrl_c_leaves_nothing_behind():
         assert "Paris" in answer
         started = _descendants(proc.pid)
         assert started, "serve should have started Ray, Redis and worker processes"
+        _check_workers_have_their_own_cores(started)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0, "".join(lines[-30:])
     finally:

@@ -133,3 +133,26 @@ def test_stopped_loop_fails_callers_clearly(loop_of):
             await loop.call(lambda e: e.stats())
 
     asyncio.run(main())
+
+
+def test_a_slow_consumer_gets_the_piled_up_tokens_in_one_message(loop_of):
+    """Snapshots queued while the consumer is busy are coalesced: the stream carries every token
+    once and in order, in fewer messages; the first snapshot is not held back."""
+    loop = loop_of()
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        stream = loop.generate("slow", PROMPTS[2], params)
+        first = await stream.__anext__()
+        assert len(first.outputs[0].new_token_ids) == 1
+        # Busy until the engine has finished the request: everything else is queued by then.
+        while await loop.call(lambda e: e.has_unfinished_requests()):
+            await asyncio.sleep(0.01)
+        rest = [out async for out in stream]
+        return first, rest
+
+    first, rest = asyncio.run(main())
+    assert len(rest) == 1 and rest[0].finished
+    deltas = list(first.outputs[0].new_token_ids) + list(rest[0].outputs[0].new_token_ids)
+    assert deltas == list(rest[0].outputs[0].token_ids) and len(deltas) == 20
+    assert first.outputs[0].new_text + rest[0].outputs[0].new_text == rest[0].outputs[0].text

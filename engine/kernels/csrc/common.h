@@ -1,0 +1,129 @@
+// Shared helpers of the pdserve CPU kernels: bf16 <-> float, 8-lane AVX2 loads/stores/sums, a
+// vectorised exp, the instruction set chosen at run time, and argument checks.
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifndef PF_ROWS
+#define PF_ROWS 16
+#endif
+#define PDS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define PDS_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+
+namespace pdk {
+
+using bf16 = uint16_t;
+
+inline float bf2f(bf16 v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline bf16 f2bf(float f) {  // round to nearest even, as torch does; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16(u >> 16);
+}
+
+template <typename T> inline float load1(const T* p);
+template <> inline float load1<float>(const float* p) { return *p; }
+template <> inline float load1<bf16>(const bf16* p) { return bf2f(*p); }
+template <typename T> inline void store1(T* p, float v);
+template <> inline void store1<float>(float* p, float v) { *p = v; }
+template <> inline void store1<bf16>(bf16* p, float v) { *p = f2bf(v); }
+
+// ---------------------------------------------------------------- AVX2 helpers
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(bf16* p, __m256 v) {
+  // Round to nearest even in integer arithmetic (no AVX-512 BF16 needed); NaNs do not occur here.
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  u = _mm256_srli_epi32(u, 16);
+  __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for float lanes: Cody-Waite range reduction and a degree-6 polynomial (about 2 ulp);
+// inputs below -87 give 0, as expf underflows there anyway.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r2 = _mm256_mul_ps(r, r);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 out = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(under, out);
+}
+
+inline float exp1(float x) {
+  alignas(32) float buf[8] = {x, 0, 0, 0, 0, 0, 0, 0};
+  _mm256_store_ps(buf, exp8(_mm256_load_ps(buf)));
+  return buf[0];
+}
+
+
+enum class Isa { kAvx2, kAvx512, kAvx512Bf16 };
+extern const Isa kIsa;  // detected once at load (gemv.cpp)
+
+inline void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+}
+
+inline void check_float(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+// The ops the Python module exposes (bindings.cpp).
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
+torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                            const c10::optional<torch::Tensor>& bias);
+torch::Tensor add_rms_norm(torch::Tensor& x, const c10::optional<torch::Tensor>& delta, const torch::Tensor& weight,
+                           double eps, bool out_bf16);
+torch::Tensor silu_mul(const torch::Tensor& gu);
+void rope_write_kv(torch::Tensor& qkv, const torch::Tensor& positions, const torch::Tensor& cos,
+                   const torch::Tensor& sin, bool interleaved, int64_t num_heads, int64_t num_kv_heads,
+                   torch::Tensor& kv_cache, const torch::Tensor& slot_blocks, const torch::Tensor& slot_offsets,
+                   const c10::optional<torch::Tensor>& q_norm, const c10::optional<torch::Tensor>& k_norm, double eps);
+void paged_decode_attention(const torch::Tensor& q, const torch::Tensor& rows, const torch::Tensor& kv_cache,
+                            const torch::Tensor& block_table, const torch::Tensor& context_lens, int64_t num_heads,
+                            double scale, torch::Tensor& out);
+std::string isa_name();
+
+}  // namespace pdk
