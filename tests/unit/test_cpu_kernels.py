@@ -4,6 +4,11 @@ not a multiple of 8, query groups above the unrolled sizes, partial last blocks)
 engine with and without them."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -201,3 +206,21 @@ def test_engine_same_tokens_with_and_without_kernels(arch, tiny_checkpoint, make
     with kernels_disabled():
         plain = run_to_completion(make_engine(path, max_num_batched_tokens=24), prompts, params)
     assert fast == plain
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_the_lower_instruction_set_paths_pass_too(isa):
+    """The kernels pick their ISA at load; PDSERVE_KERNEL_ISA caps it, so the AVX2 (and AVX-512
+    without BF16) paths of every kernel are checked here even on a host that has more."""
+    have = {"avx2": True, "avx512": ops.isa() in ("avx512", "avx512_bf16")}
+    if not have[isa]:
+        pytest.skip(f"this CPU has no {isa}: its kernels cannot run here")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PDSERVE_KERNEL_ISA": isa}
+    check = subprocess.run([sys.executable, "-c", "from engine.kernels import cpu_ops; print(cpu_ops().isa())"],
+                           cwd=root, env=env, capture_output=True, text=True, check=True)
+    assert check.stdout.split()[-1] == isa
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "not lower_instruction_set and not engine_same_tokens"],
+                         cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

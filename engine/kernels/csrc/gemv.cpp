@@ -5,12 +5,17 @@
 
 namespace pdk {
 
+// PDSERVE_KERNEL_ISA=avx2|avx512 caps the choice, so that the lower paths are tested (and can be
+// compared) on a host that has more; it never raises it above what the CPU has.
 static Isa detect_isa() {
   __builtin_cpu_init();
   bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  if (avx512 && __builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Bf16;
-  return avx512 ? Isa::kAvx512 : Isa::kAvx2;
+  Isa found = avx512 ? (__builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512) : Isa::kAvx2;
+  const char* cap = std::getenv("PDSERVE_KERNEL_ISA");
+  if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return Isa::kAvx2;
+  if (cap != nullptr && std::strcmp(cap, "avx512") == 0 && found == Isa::kAvx512Bf16) return Isa::kAvx512;
+  return found;
 }
 
 const Isa kIsa = detect_isa();
