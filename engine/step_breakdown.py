@@ -72,7 +72,8 @@ def _patched(timers: _Timers) -> Iterator[None]:
 
 
 def decode_breakdown(llm: Any, batch: int, prompt_len: int, steps: int = 12) -> Breakdown:
-    """Median-free totals over `steps` pure-decode steps of `batch` random-ish prompts."""
+    """Per-step times over `steps` pure-decode steps of `batch` prompts: the median step, and each
+    category's share of the summed steps applied to it."""
     eng = llm.engine
     vocab = eng.config.model.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=steps + 4, ignore_eos=True)

@@ -22,12 +22,10 @@ class WorkerActor:
         # over cores (two 2-thread workers on 2 cores run ~10x slower than 1 thread each), and
         # pin them to this worker's own cores when the session planned some.
         os.environ["OMP_NUM_THREADS"] = str(self.spec.num_threads)
+        from cluster.cpu_binding import pin_process, reset_niceness
+
         if self.spec.cpu_cores:
-            from cluster.cpu_binding import pin_process
-
             pin_process(self.spec.cpu_cores)
-        from cluster.cpu_binding import reset_niceness
-
         # Ray starts workers at nice 15 (its `worker_niceness`): an engine at nice 15 loses its
         # cores to every other process on the host.
         reset_niceness()

@@ -96,7 +96,3 @@ def _load() -> ModuleType | None:
             reason = f"build failed ({type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); is g++ installed?"
     logger.warning("pdserve CPU kernels not used: %s; falling back to plain torch ops (slower decode)", reason)
     return None
-
-
-def enabled() -> bool:
-    return cpu_ops() is not None

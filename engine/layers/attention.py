@@ -123,12 +123,11 @@ def paged_attention(
     return out.reshape(T, H * D)
 
 
-def paged_attention_fused(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, kv_cache: torch.Tensor,
+def paged_attention_fused(ops, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, kv_cache: torch.Tensor,
                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention for qkv [T, (H + 2 KVH) * D] whose q and k are already rotated and whose k/v are
     already in the cache (ops.rope_write_kv): decode rows read the cache in place, prefill chunks
     use SDPA. Returns [T, H*D] in qkv's dtype."""
-    ops = cpu_ops()
     T = qkv.shape[0]
     D = kv_cache.shape[-1]
     out = qkv.new_empty(T, num_heads * D)
@@ -180,6 +179,7 @@ class Attention(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, rope, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 meta: AttentionMetadata) -> torch.Tensor:
+        """cos/sin: the rotary tables at meta.positions, None when the kernels apply rotary."""
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         ops = cpu_ops() if qkv.device.type == "cpu" else None
@@ -189,10 +189,8 @@ class Attention(torch.nn.Module):
             eps = 0.0 if self.q_norm is None else self.q_norm.eps
             ops.rope_write_kv(qkv, meta.positions, rope.cos, rope.sin, rope.interleaved, self.num_heads,
                               self.num_kv_heads, self.kv_cache, meta.slot_blocks, meta.slot_offsets, qn, kn, eps)
-            o = paged_attention_fused(qkv, self.num_heads, self.num_kv_heads, self.kv_cache, meta, self.scale)
+            o = paged_attention_fused(ops, qkv, self.num_heads, self.num_kv_heads, self.kv_cache, meta, self.scale)
             return self.o_proj(o)
-        if cos is None:
-            cos, sin = rope.cos_sin(meta.positions)
         qkv = qkv.view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         qk = qkv[:, : self.num_heads + self.num_kv_heads]
         if self.q_norm is not None:

@@ -52,7 +52,7 @@ def float32_copy(owner: torch.nn.Module, name: str, weight: torch.Tensor) -> tor
 
 @functools.cache
 def cpu_has_amx() -> bool:
-    """AMX tiles (Sapphire Rapids and later): oneDNN's bf16 matmuls beat a GEMV from 2 rows up."""
+    """AMX tiles (Sapphire Rapids and later): oneDNN's bf16 GEMM there is what the GEMV competes with."""
     try:
         with open("/proc/cpuinfo") as f:
             return " amx_bf16" in f.read()
@@ -76,7 +76,7 @@ def gemv_max_rows() -> int:
 
 def packed_copy(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
     """The kernels' packed layout of a bf16 `weight`, made once and cached on `owner` (rebuilt if
-    the weight object changes); None where the layout does not apply (odd K)."""
+    the weight object changes); None where the layout does not apply (odd K: torch's matmul)."""
     cached = owner.__dict__.get("_weight_packed")
     if cached is None or cached[0] is not weight:
         from engine.kernels.packing import pack_bf16
@@ -94,20 +94,16 @@ def small_linear(owner: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor,
         return None
     k = x.shape[-1]
     rows = x.numel() // k
-    if rows > gemv_max_rows() or not weight.is_contiguous():
+    if rows > gemv_max_rows():
         return None
     ops = cpu_ops()
-    if ops is None:
+    packed = None if ops is None else packed_copy(owner, weight)
+    if packed is None:
         return None
     x2 = x.reshape(rows, k)
-    packed = packed_copy(owner, weight)
-    if packed is not None:
-        if x2.stride(0) % 2 or x2.data_ptr() % 4:
-            x2 = x2.contiguous()
-        y = ops.linear_packed(x2, packed, weight.shape[0], bias)
-    else:
-        y = ops.linear(x2, weight, bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    if x2.stride(0) % 2 or x2.data_ptr() % 4:
+        x2 = x2.contiguous()
+    return ops.linear_packed(x2, packed, weight.shape[0], bias).view(*x.shape[:-1], weight.shape[0])
 
 
 def prepack(model: torch.nn.Module) -> int:

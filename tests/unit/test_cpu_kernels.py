@@ -1,5 +1,5 @@
 """The native CPU kernels against plain torch references, in float32 and bfloat16, on shapes
-that hit every tail path (K not a multiple of the vector width, N not a multiple of 4, head_dim
+that hit every tail path (N not a multiple of the 16-row tile, head_dim
 not a multiple of 8, query groups above the unrolled sizes, partial last blocks); and the whole
 engine with and without them."""
 from __future__ import annotations
@@ -30,21 +30,6 @@ def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
-@pytest.mark.parametrize("n,k", [(64, 64), (37, 50), (130, 576), (8, 7)])
-def test_linear(dtype, rows, n, k):
-    g = torch.Generator().manual_seed(rows * 1000 + n + k)
-    x = torch.randn(rows, k, generator=g).to(dtype)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    bias = torch.randn(n, generator=g)
-    ref = x.double() @ w.double().T + bias.double()
-    out = ops.linear(x, w, bias)
-    assert out.dtype == dtype and out.shape == (rows, n)
-    close(out, ref, dtype)
-    close(ops.linear(x, w, None), x.double() @ w.double().T, dtype)
-
-
 @pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17])
 @pytest.mark.parametrize("n,k", [(16, 2), (37, 64), (130, 576), (33, 1536)])
 def test_linear_packed(rows, n, k):
@@ -64,14 +49,14 @@ def test_linear_packed(rows, n, k):
         pack_bf16(torch.randn(4, 3).bfloat16())
 
 
-def test_linear_strided_rows_and_bad_input():
-    x = torch.randn(4, 100)[:, :64]  # rows strided, elements contiguous
-    w = torch.randn(16, 64)
-    close(ops.linear(x, w, None), x.double() @ w.double().T, torch.float32)
-    with pytest.raises(RuntimeError, match="shapes"):
-        ops.linear(torch.randn(2, 63), w, None)
-    with pytest.raises(RuntimeError, match="dtypes"):
-        ops.linear(torch.randn(2, 64), w.bfloat16(), None)
+def test_linear_packed_strided_rows_and_bad_input():
+    from engine.kernels.packing import pack_bf16
+
+    x = torch.randn(4, 100).bfloat16()[:, :64]  # rows strided, elements contiguous
+    w = torch.randn(16, 64).bfloat16()
+    close(ops.linear_packed(x, pack_bf16(w), 16, None), x.double() @ w.double().T, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bf16 only"):
+        ops.linear_packed(torch.randn(2, 64), pack_bf16(w), 16, None)
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
@@ -208,19 +193,15 @@ def test_engine_same_tokens_with_and_without_kernels(arch, tiny_checkpoint, make
     assert fast == plain
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_the_lower_instruction_set_paths_pass_too(isa):
-    """The kernels pick their ISA at load; PDSERVE_KERNEL_ISA caps it, so the AVX2 (and AVX-512
-    without BF16) paths of every kernel are checked here even on a host that has more."""
-    have = {"avx2": True, "avx512": ops.isa() in ("avx512", "avx512_bf16")}
-    if not have[isa]:
-        pytest.skip(f"this CPU has no {isa}: its kernels cannot run here")
+def test_the_avx2_paths_pass_too():
+    """The kernels pick their ISA at load; PDSERVE_KERNEL_ISA=avx2 selects the AVX2 paths, so
+    every kernel's AVX2 code (what AVX2-only hosts run) is checked here on any host."""
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PDSERVE_KERNEL_ISA": isa}
+    env = {**os.environ, "PDSERVE_KERNEL_ISA": "avx2"}
     check = subprocess.run([sys.executable, "-c", "from engine.kernels import cpu_ops; print(cpu_ops().isa())"],
                            cwd=root, env=env, capture_output=True, text=True, check=True)
-    assert check.stdout.split()[-1] == isa
+    assert check.stdout.split()[-1] == "avx2"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "not lower_instruction_set and not engine_same_tokens"],
+                          "not avx2_paths and not engine_same_tokens"],
                          cwd=root, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

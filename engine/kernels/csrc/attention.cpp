@@ -50,6 +50,17 @@ inline __m256 hsum8x8(const __m256* v) {
   return _mm256_add_ps(lo, hi);
 }
 
+// Per head, eight tokens' 8-lane partial dot products (pbuf [G, 8, 8]) -> their eight scores,
+// times `scale`, into sc[g * Lp + t0 ..].
+inline void store_scores(const float* pbuf, int64_t G, float* sc, int64_t Lp, int64_t t0, float scale) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 v[8];
+    for (int o = 0; o < 8; ++o) v[o] = _mm256_loadu_ps(pbuf + (g * 8 + o) * 8);
+    _mm256_storeu_ps(sc + g * Lp + t0, _mm256_mul_ps(hsum8x8(v), sv));
+  }
+}
+
 // Scores and values for one (sequence, kv head) with the group size G fixed at compile time, so
 // that each head's accumulators live in registers. D % 8 == 0. Token t's K row is
 // k_rows[t] (pointers precomputed from the block table: no division in the loops).
@@ -71,11 +82,7 @@ void attn_group(const float* qf, const T* const* k_rows, const T* const* v_rows,
       }
       for (int g = 0; g < G; ++g) _mm256_storeu_ps(pbuf + (g * 8 + o) * 8, ag[g]);
     }
-    for (int g = 0; g < G; ++g) {
-      __m256 v[8];
-      for (int o = 0; o < 8; ++o) v[o] = _mm256_loadu_ps(pbuf + (g * 8 + o) * 8);
-      _mm256_storeu_ps(sc + g * Lp + t0, hsum8x8(v));
-    }
+    store_scores(pbuf, G, sc, Lp, t0, 1.0f);  // q came pre-scaled
   }
   softmax_rows(sc, G, L, Lp);
   // Values in passes over DB * 8 dims: G * DB accumulators stay in registers, and each pass
@@ -156,12 +163,7 @@ PDS_AVX512BF16 void attn_group_bf16_avx512(const bf16* qh, float scale, const bf
         _mm256_storeu_ps(pbuf + (g * 8 + o) * 8, half);
       }
     }
-    const __m256 sv = _mm256_set1_ps(scale);
-    for (int g = 0; g < G; ++g) {
-      __m256 v[8];
-      for (int o = 0; o < 8; ++o) v[o] = _mm256_loadu_ps(pbuf + (g * 8 + o) * 8);
-      _mm256_storeu_ps(sc + g * Lp + t0, _mm256_mul_ps(hsum8x8(v), sv));
-    }
+    store_scores(pbuf, G, sc, Lp, t0, scale);
   }
   softmax_rows(sc, G, L, Lp);
   constexpr int DB = G <= 6 ? 4 : 2;  // 16-float chunks per pass: G * DB accumulators
@@ -218,8 +220,6 @@ void decode_attn_task(const T* q, int64_t ldq, const int64_t* rows, const T* cac
   float* sc = acc + G * D;      // [G, Lp] scores, then probabilities
   float* pbuf = sc + G * Lp;    // [G, 8 tokens, 8 lanes]
   const T* qrow = q + rows[i] * ldq;
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load1(qrow + (kvh * G + g) * D + d) * scale;
   ptrs.resize(size_t(2 * L));
   const T** k_rows = ptrs.data();
   const T** v_rows = k_rows + L;
@@ -232,8 +232,13 @@ void decode_attn_task(const T* q, int64_t ldq, const int64_t* rows, const T* cac
       v_rows[t] = kb + (BS + o) * tok;
     }
   }
-  if (attn_group_fast(qrow + kvh * G * D, scale, k_rows, v_rows, G, L, Lp, D, sc, acc, pbuf)) {
-    // done: bf16 on AVX-512 BF16
+  const bool done = attn_group_fast(qrow + kvh * G * D, scale, k_rows, v_rows, G, L, Lp, D, sc, acc, pbuf);
+  if (!done) {  // the other paths take the query as pre-scaled floats
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load1(qrow + (kvh * G + g) * D + d) * scale;
+  }
+  if (done) {
+    // bf16 on AVX-512 BF16
   } else if (D % 8 != 0) {
     attn_group_generic(qf, k_rows, v_rows, G, L, Lp, D, sc, acc);
   } else {
@@ -253,7 +258,6 @@ void decode_attn_task(const T* q, int64_t ldq, const int64_t* rows, const T* cac
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) store1(orow + (kvh * G + g) * D + d, acc[g * D + d]);
 }
-
 
 }  // namespace
 

@@ -1,10 +1,10 @@
-// pdserve CPU kernels for the decode step: small-batch GEMV that streams each weight once,
+// pdserve CPU kernels for the decode step: small-batch GEMV over prepacked weights,
 // paged decode attention that reads KV blocks in place, rotary + KV-cache write, fused
 // residual-add + RMSNorm and SiLU-and-mul.
 //
 // The base ISA is AVX2+FMA (every host of this project's kind has it; engine/kernels checks
-// before loading). AVX-512 (with BF16 dot products where present) is chosen at run time for the
-// GEMV, the one kernel where it pays. Threads come from ATen's pool (at::parallel_for), so these
+// before loading). AVX-512 BF16 dot products are chosen at run time where present, for the GEMV
+// and decode attention. Threads come from ATen's pool (at::parallel_for), so these
 // kernels share torch's OpenMP threads instead of starting a second pool that would spin
 // against them. Like torch's own ops they release the GIL while they run, so a worker's asyncio
 // thread (token streaming, RPCs) is not held up by the engine thread's forward.
@@ -18,8 +18,6 @@ using nogil = py::call_guard<py::gil_scoped_release>;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pdserve CPU decode kernels";
-  m.def("linear", &linear, "small-batch linear (GEMV) streaming each weight once", py::arg("x"), py::arg("w"),
-        py::arg("bias") = py::none(), nogil());
   m.def("linear_packed", &linear_packed, "small-batch linear over prepacked bf16 weights", py::arg("x"), py::arg("w"),
         py::arg("n"), py::arg("bias") = py::none(), nogil());
   m.def("add_rms_norm", &add_rms_norm, "x += delta (in place); rms_norm(x) * w", py::arg("x"), py::arg("delta"),

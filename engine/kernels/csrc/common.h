@@ -13,10 +13,6 @@
 #include <cstring>
 #include <vector>
 
-#ifndef PF_ROWS
-#define PF_ROWS 16
-#endif
-#define PDS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define PDS_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 
@@ -99,7 +95,7 @@ inline float exp1(float x) {
 }
 
 
-enum class Isa { kAvx2, kAvx512, kAvx512Bf16 };
+enum class Isa { kAvx2, kAvx512Bf16 };
 extern const Isa kIsa;  // detected once at load (gemv.cpp)
 
 inline void check_cpu(const torch::Tensor& t, const char* name) {
@@ -112,7 +108,6 @@ inline void check_float(const torch::Tensor& t, const char* name) {
 }
 
 // The ops the Python module exposes (bindings.cpp).
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
 torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                             const c10::optional<torch::Tensor>& bias);
 torch::Tensor add_rms_norm(torch::Tensor& x, const c10::optional<torch::Tensor>& delta, const torch::Tensor& weight,

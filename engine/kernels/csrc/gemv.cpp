@@ -1,190 +1,29 @@
-// Small-batch linear layers for decode: y[b, n] = x[b, :] . w[n, :] + bias[n], streaming each
-// weight byte from memory once per call whatever the batch. Row-major weights (any dtype) and
-// the packed bf16 layout (engine/kernels/packing.py).
+// Small-batch linear layers for decode: y[b, n] = x[b, :] . w[n, :] + bias[n] over bf16 weights
+// in the packed layout (engine/kernels/packing.py), streaming each weight byte from memory once
+// per call whatever the batch. Odd K, float32 and many rows stay with torch.
 #include "common.h"
 
 namespace pdk {
 
-// PDSERVE_KERNEL_ISA=avx2|avx512 caps the choice, so that the lower paths are tested (and can be
-// compared) on a host that has more; it never raises it above what the CPU has.
+// PDSERVE_KERNEL_ISA=avx2 selects the AVX2 paths on a host that has more, so that they are
+// tested (and can be compared) there; nothing selects more than the CPU has.
 static Isa detect_isa() {
   __builtin_cpu_init();
-  bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  Isa found = avx512 ? (__builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512) : Isa::kAvx2;
+  const bool bf16 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                    __builtin_cpu_supports("avx512bf16");
   const char* cap = std::getenv("PDSERVE_KERNEL_ISA");
   if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return Isa::kAvx2;
-  if (cap != nullptr && std::strcmp(cap, "avx512") == 0 && found == Isa::kAvx512Bf16) return Isa::kAvx512;
-  return found;
+  return bf16 ? Isa::kAvx512Bf16 : Isa::kAvx2;
 }
 
 const Isa kIsa = detect_isa();
 
 namespace {
 
-// ---------------------------------------------------------------- GEMV: y[b, n] = x[b, :] . w[n, :] + bias[n]
-// Rows of w are taken 4 at a time and every batch row is multiplied against them while they
-// sit in L1, so each weight byte comes from memory once per call whatever the batch.
-struct GemvArgs {
-  const void* x;
-  int64_t ldx;
-  int64_t B;
-  const void* w;
-  int64_t K;
-  const float* bias;
-  void* y;
-  int64_t ldy;
-};
-
-template <typename T, int NB>
-void gemv_avx2_tile(const GemvArgs& a, int64_t n, int64_t b0) {
-  const T* w = static_cast<const T*>(a.w);
-  const T* x = static_cast<const T*>(a.x);
-  const int64_t K = a.K, kv = K / 8 * 8;
-  const T* wr[4];
-  for (int r = 0; r < 4; ++r) wr[r] = w + (n + r) * K;
-  const T* xr[NB];
-  for (int c = 0; c < NB; ++c) xr[c] = x + (b0 + c) * a.ldx;
-  __m256 acc[4][NB];
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < NB; ++c) acc[r][c] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kv; k += 8) {
-    __m256 wv[4];
-    for (int r = 0; r < 4; ++r) wv[r] = load8(wr[r] + k);
-    for (int c = 0; c < NB; ++c) {
-      __m256 xv = load8(xr[c] + k);
-      for (int r = 0; r < 4; ++r) acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
-    }
-  }
-  T* y = static_cast<T*>(a.y);
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < NB; ++c) {
-      float s = hsum8(acc[r][c]);
-      for (int64_t k = kv; k < K; ++k) s += load1(wr[r] + k) * load1(xr[c] + k);
-      if (a.bias) s += a.bias[n + r];
-      store1(y + (b0 + c) * a.ldy + n + r, s);
-    }
-}
-
-
-template <int NB>
-PDS_AVX512BF16 void gemv_bf16_avx512bf16_tile(const GemvArgs& a, int64_t n, int64_t b0) {
-  const bf16* w = static_cast<const bf16*>(a.w);
-  const bf16* x = static_cast<const bf16*>(a.x);
-  const int64_t K = a.K, kv = K / 32 * 32;
-  const int rem = int(K - kv);
-  const __mmask32 tail = rem ? __mmask32((1u << rem) - 1u) : 0;
-  const bf16* wr[4];
-  for (int r = 0; r < 4; ++r) wr[r] = w + (n + r) * K;
-  const bf16* xr[NB];
-  for (int c = 0; c < NB; ++c) xr[c] = x + (b0 + c) * a.ldx;
-  __m512 acc[4][NB];
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kv; k += 32) {
-    __m512i wv[4];
-    // The next tile's rows, one tile ahead: rows are short streams (K * 2 bytes) that the
-    // hardware prefetchers pick up too late on their own.
-    if (NB == 1 || b0 == 0)
-      for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + PF_ROWS * K), _MM_HINT_T0);
-    for (int r = 0; r < 4; ++r) wv[r] = _mm512_loadu_si512(wr[r] + k);
-    for (int c = 0; c < NB; ++c) {
-      __m512i xv = _mm512_loadu_si512(xr[c] + k);
-      for (int r = 0; r < 4; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)wv[r], (__m512bh)xv);
-    }
-  }
-  if (rem) {
-    __m512i wv[4];
-    for (int r = 0; r < 4; ++r) wv[r] = _mm512_maskz_loadu_epi16(tail, wr[r] + kv);
-    for (int c = 0; c < NB; ++c) {
-      __m512i xv = _mm512_maskz_loadu_epi16(tail, xr[c] + kv);
-      for (int r = 0; r < 4; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)wv[r], (__m512bh)xv);
-    }
-  }
-  bf16* y = static_cast<bf16*>(a.y);
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < NB; ++c) {
-      float s = _mm512_reduce_add_ps(acc[r][c]);
-      if (a.bias) s += a.bias[n + r];
-      y[(b0 + c) * a.ldy + n + r] = f2bf(s);
-    }
-}
-
-template <int NB>
-PDS_AVX512 void gemv_f32_avx512_tile(const GemvArgs& a, int64_t n, int64_t b0) {
-  const float* w = static_cast<const float*>(a.w);
-  const float* x = static_cast<const float*>(a.x);
-  const int64_t K = a.K, kv = K / 16 * 16;
-  const int rem = int(K - kv);
-  const __mmask16 tail = rem ? __mmask16((1u << rem) - 1u) : 0;
-  const float* wr[4];
-  for (int r = 0; r < 4; ++r) wr[r] = w + (n + r) * K;
-  const float* xr[NB];
-  for (int c = 0; c < NB; ++c) xr[c] = x + (b0 + c) * a.ldx;
-  __m512 acc[4][NB];
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kv; k += 16) {
-    __m512 wv[4];
-    for (int r = 0; r < 4; ++r) wv[r] = _mm512_loadu_ps(wr[r] + k);
-    for (int c = 0; c < NB; ++c) {
-      __m512 xv = _mm512_loadu_ps(xr[c] + k);
-      for (int r = 0; r < 4; ++r) acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
-    }
-  }
-  if (rem) {
-    __m512 wv[4];
-    for (int r = 0; r < 4; ++r) wv[r] = _mm512_maskz_loadu_ps(tail, wr[r] + kv);
-    for (int c = 0; c < NB; ++c) {
-      __m512 xv = _mm512_maskz_loadu_ps(tail, xr[c] + kv);
-      for (int r = 0; r < 4; ++r) acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
-    }
-  }
-  float* y = static_cast<float*>(a.y);
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < NB; ++c) {
-      float s = _mm512_reduce_add_ps(acc[r][c]);
-      if (a.bias) s += a.bias[n + r];
-      y[(b0 + c) * a.ldy + n + r] = s;
-    }
-}
-
-// The scalar path for the last N % 4 rows (tiny test models have such shapes).
-template <typename T>
-void gemv_row_scalar(const GemvArgs& a, int64_t n) {
-  const T* w = static_cast<const T*>(a.w) + n * a.K;
-  for (int64_t b = 0; b < a.B; ++b) {
-    const T* x = static_cast<const T*>(a.x) + b * a.ldx;
-    float s = 0.f;
-    for (int64_t k = 0; k < a.K; ++k) s += load1(w + k) * load1(x + k);
-    if (a.bias) s += a.bias[n];
-    store1(static_cast<T*>(a.y) + b * a.ldy + n, s);
-  }
-}
-
-
-template <typename Tile4, typename Tile2, typename Tile1>
-void gemv_rows(const GemvArgs& a, int64_t n, int nb_max, Tile4 t4, Tile2 t2, Tile1 t1) {
-  int64_t b = 0;
-  for (; b + nb_max <= a.B; b += nb_max) (nb_max == 4 ? t4 : t2)(a, n, b);
-  for (; b + 2 <= a.B; b += 2) t2(a, n, b);
-  for (; b < a.B; ++b) t1(a, n, b);
-}
-
-void gemv_range(const GemvArgs& a, bool is_bf16, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; n += 4) {
-    if (is_bf16 && kIsa == Isa::kAvx512Bf16) {
-      gemv_rows(a, n, 4, gemv_bf16_avx512bf16_tile<4>, gemv_bf16_avx512bf16_tile<2>, gemv_bf16_avx512bf16_tile<1>);
-    } else if (!is_bf16 && kIsa != Isa::kAvx2) {
-      gemv_rows(a, n, 4, gemv_f32_avx512_tile<4>, gemv_f32_avx512_tile<2>, gemv_f32_avx512_tile<1>);
-    } else if (is_bf16) {
-      gemv_rows(a, n, 2, gemv_avx2_tile<bf16, 2>, gemv_avx2_tile<bf16, 2>, gemv_avx2_tile<bf16, 1>);
-    } else {
-      gemv_rows(a, n, 2, gemv_avx2_tile<float, 2>, gemv_avx2_tile<float, 2>, gemv_avx2_tile<float, 1>);
-    }
-  }
-}
-
+// Bf16 elements ahead of the current load to prefetch in each tile's stream (1 KB): the tiles
+// are long sequential streams, but one tile ends and the next starts every K * 32 bytes.
+constexpr int64_t kPrefetchAhead = 16 * 32;
 
 // ---------------------------------------------------------------- packed GEMV
 // Weights prepacked (engine/kernels/packing.py) as [N/16][K/2][16][2] bf16: tile t, pair p holds
@@ -216,8 +55,8 @@ PDS_AVX512BF16 void packed_tiles_avx512bf16(const PackedArgs& a, int64_t t0, int
     const int32_t* xr[NB];
     for (int c = 0; c < NB; ++c) xr[c] = reinterpret_cast<const int32_t*>(a.x + (b0 + c) * a.ldx);
     for (int64_t p = 0; p < KP; ++p) {
-      _mm_prefetch(reinterpret_cast<const char*>(w0 + p * 32 + PF_ROWS * 32), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w1 + p * 32 + PF_ROWS * 32), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + p * 32 + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + p * 32 + kPrefetchAhead), _MM_HINT_T0);
       const __m512i v0 = _mm512_loadu_si512(w0 + p * 32);
       const __m512i v1 = _mm512_loadu_si512(w1 + p * 32);
       for (int c = 0; c < NB; ++c) {
@@ -253,7 +92,7 @@ void packed_tiles_avx2(const PackedArgs& a, int64_t t0, int64_t t1, int64_t b0) 
     const bf16* xr[NB];
     for (int c = 0; c < NB; ++c) xr[c] = a.x + (b0 + c) * a.ldx;
     for (int64_t p = 0; p < KP; ++p) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + p * 32 + PF_ROWS * 32), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + p * 32 + kPrefetchAhead), _MM_HINT_T0);
       __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32));
       __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32 + 16));
       // Lane i holds (w[i][2p], w[i][2p+1]) as (low, high) halves: each half is a bf16's float.
@@ -310,35 +149,6 @@ void packed_range(const PackedArgs& a, int64_t t0, int64_t t1) {
 
 // ---------------------------------------------------------------- exported ops
 
-// x [B, K] (rows may be strided, elements contiguous), w [N, K] contiguous, same dtype; bias [N]
-// float32 or absent. Returns [B, N] in x's dtype, accumulated in float32.
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
-  check_cpu(x, "x");
-  check_float(x, "x");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear: shapes ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear: x and w dtypes differ");
-  TORCH_CHECK(x.stride(1) == 1 && w.is_contiguous(), "linear: x rows and w must be contiguous");
-  torch::Tensor b32;
-  if (bias.has_value() && bias->defined()) {
-    b32 = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(b32.numel() == w.size(0), "linear: bias size");
-  }
-  const int64_t B = x.size(0), N = w.size(0), K = w.size(1);
-  auto y = torch::empty({B, N}, x.options());
-  if (B == 0 || N == 0) return y;
-  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
-  GemvArgs a{x.data_ptr(), x.stride(0), B, w.data_ptr(), K, b32.defined() ? b32.data_ptr<float>() : nullptr,
-             y.data_ptr(), N};
-  const int64_t tiles = N / 4;
-  // ~64 KB of weights per task at least, so that small layers stay on one thread.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { gemv_range(a, is_bf16, t0 * 4, t1 * 4); });
-  for (int64_t n = tiles * 4; n < N; ++n) {
-    if (is_bf16) gemv_row_scalar<bf16>(a, n); else gemv_row_scalar<float>(a, n);
-  }
-  return y;
-}
-
 // x [B, K] bf16 (rows may be strided), w packed [ceil(N/16), K/2, 16, 2] bf16; bias [N] or
 // absent. Returns [B, N] bf16, accumulated in float32.
 torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
@@ -373,10 +183,8 @@ torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int6
 std::string isa_name() {
   switch (kIsa) {
     case Isa::kAvx512Bf16: return "avx512_bf16";
-    case Isa::kAvx512: return "avx512";
     default: return "avx2";
   }
 }
-
 
 }  // namespace pdk
