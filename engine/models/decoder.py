@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from engine.kernels import cpu_ops
 from engine.layers.attention import Attention, AttentionMetadata
-from engine.layers.linear import Linear, float32_copy, upcast_for
+from engine.layers.linear import Linear, float32_copy, small_linear, upcast_for
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import SparseMoE
 from engine.layers.norm import RMSNorm
@@ -132,9 +132,10 @@ class DecoderForCausalLM(torch.nn.Module):
         0.125 near a logit of 25), which turns close calls at the top into ties that argmax
         breaks by token id; the top candidates are therefore re-scored in float32."""
         head = self.lm_head.weight
-        if upcast_for(hidden, head):
+        logits = small_linear(self.lm_head, hidden, head, None)  # a decode batch: the packed GEMV
+        if logits is None and upcast_for(hidden, head):
             return F.linear(hidden.float(), float32_copy(self.lm_head, "_weight_fp32", head))
-        logits = self.lm_head(hidden).float()
+        logits = (self.lm_head(hidden) if logits is None else logits).float()
         if hidden.dtype != torch.float32:
             # Candidates: every logit within two bf16 rounding steps of its row's maximum.
             top = logits.max(dim=-1, keepdim=True).values

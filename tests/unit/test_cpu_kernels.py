@@ -30,7 +30,7 @@ def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17, 33])
 @pytest.mark.parametrize("n,k", [(16, 2), (37, 64), (130, 576), (33, 1536)])
 def test_linear_packed(rows, n, k):
     from engine.kernels.packing import pack_bf16

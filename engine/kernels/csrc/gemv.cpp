@@ -80,8 +80,10 @@ PDS_AVX512BF16 void packed_tiles_avx512bf16(const PackedArgs& a, int64_t t0, int
   }
 }
 
+// AVX2 reads x as float32 (`xf`, [B, K], converted once per call): a broadcast from memory is
+// then one load, where a bf16 would need a scalar load, shift and broadcast per row and k.
 template <int NB>
-void packed_tiles_avx2(const PackedArgs& a, int64_t t0, int64_t t1, int64_t b0) {
+void packed_tiles_avx2(const PackedArgs& a, const float* xf, int64_t t0, int64_t t1, int64_t b0) {
   const int64_t KP = a.K / 2;
   const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
   for (int64_t t = t0; t < t1; ++t) {
@@ -89,8 +91,8 @@ void packed_tiles_avx2(const PackedArgs& a, int64_t t0, int64_t t1, int64_t b0) 
     __m256 acc[2][NB];
     for (int r = 0; r < 2; ++r)
       for (int c = 0; c < NB; ++c) acc[r][c] = _mm256_setzero_ps();
-    const bf16* xr[NB];
-    for (int c = 0; c < NB; ++c) xr[c] = a.x + (b0 + c) * a.ldx;
+    const float* xr[NB];
+    for (int c = 0; c < NB; ++c) xr[c] = xf + (b0 + c) * a.K;
     for (int64_t p = 0; p < KP; ++p) {
       _mm_prefetch(reinterpret_cast<const char*>(w + p * 32 + kPrefetchAhead), _MM_HINT_T0);
       __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32));
@@ -101,8 +103,8 @@ void packed_tiles_avx2(const PackedArgs& a, int64_t t0, int64_t t1, int64_t b0) 
       const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
       const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(hi, hi_mask));
       for (int c = 0; c < NB; ++c) {
-        const __m256 xe = _mm256_set1_ps(bf2f(xr[c][2 * p]));
-        const __m256 xo = _mm256_set1_ps(bf2f(xr[c][2 * p + 1]));
+        const __m256 xe = _mm256_broadcast_ss(xr[c] + 2 * p);
+        const __m256 xo = _mm256_broadcast_ss(xr[c] + 2 * p + 1);
         acc[0][c] = _mm256_fmadd_ps(o0, xo, _mm256_fmadd_ps(e0, xe, acc[0][c]));
         acc[1][c] = _mm256_fmadd_ps(o1, xo, _mm256_fmadd_ps(e1, xe, acc[1][c]));
       }
@@ -119,27 +121,35 @@ void packed_tiles_avx2(const PackedArgs& a, int64_t t0, int64_t t1, int64_t b0) 
   }
 }
 
-void packed_range(const PackedArgs& a, int64_t t0, int64_t t1) {
-  int64_t b = 0;
+// Tiles outermost, row blocks inside: a tile (K * 32 bytes, at most ~100 KB) comes from memory
+// once and serves every block of rows from cache, so more rows cost compute, not bandwidth.
+void packed_range(const PackedArgs& a, const float* xf, int64_t t0, int64_t t1) {
   if (kIsa == Isa::kAvx512Bf16) {
-    for (; b + 8 <= a.B; b += 8) packed_tiles_avx512bf16<8>(a, t0, t1, b);
-    switch (a.B - b) {
-      case 7: packed_tiles_avx512bf16<7>(a, t0, t1, b); break;
-      case 6: packed_tiles_avx512bf16<6>(a, t0, t1, b); break;
-      case 5: packed_tiles_avx512bf16<5>(a, t0, t1, b); break;
-      case 4: packed_tiles_avx512bf16<4>(a, t0, t1, b); break;
-      case 3: packed_tiles_avx512bf16<3>(a, t0, t1, b); break;
-      case 2: packed_tiles_avx512bf16<2>(a, t0, t1, b); break;
-      case 1: packed_tiles_avx512bf16<1>(a, t0, t1, b); break;
-      default: break;
+    for (int64_t t = t0; t < t1; t += 2) {
+      const int64_t te = std::min<int64_t>(t + 2, t1);
+      int64_t b = 0;
+      for (; b + 8 <= a.B; b += 8) packed_tiles_avx512bf16<8>(a, t, te, b);
+      switch (a.B - b) {
+        case 7: packed_tiles_avx512bf16<7>(a, t, te, b); break;
+        case 6: packed_tiles_avx512bf16<6>(a, t, te, b); break;
+        case 5: packed_tiles_avx512bf16<5>(a, t, te, b); break;
+        case 4: packed_tiles_avx512bf16<4>(a, t, te, b); break;
+        case 3: packed_tiles_avx512bf16<3>(a, t, te, b); break;
+        case 2: packed_tiles_avx512bf16<2>(a, t, te, b); break;
+        case 1: packed_tiles_avx512bf16<1>(a, t, te, b); break;
+        default: break;
+      }
     }
   } else {
-    for (; b + 4 <= a.B; b += 4) packed_tiles_avx2<4>(a, t0, t1, b);
-    switch (a.B - b) {
-      case 3: packed_tiles_avx2<3>(a, t0, t1, b); break;
-      case 2: packed_tiles_avx2<2>(a, t0, t1, b); break;
-      case 1: packed_tiles_avx2<1>(a, t0, t1, b); break;
-      default: break;
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t b = 0;
+      for (; b + 4 <= a.B; b += 4) packed_tiles_avx2<4>(a, xf, t, t + 1, b);
+      switch (a.B - b) {
+        case 3: packed_tiles_avx2<3>(a, xf, t, t + 1, b); break;
+        case 2: packed_tiles_avx2<2>(a, xf, t, t + 1, b); break;
+        case 1: packed_tiles_avx2<1>(a, xf, t, t + 1, b); break;
+        default: break;
+      }
     }
   }
 }
@@ -169,10 +179,13 @@ torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int6
   if (B == 0 || n == 0) return y;
   PackedArgs a{reinterpret_cast<const bf16*>(x.data_ptr()), x.stride(0), B, reinterpret_cast<const bf16*>(w.data_ptr()),
                K, n, b32.defined() ? b32.data_ptr<float>() : nullptr, reinterpret_cast<bf16*>(y.data_ptr()), n};
+  torch::Tensor xf;
+  if (kIsa != Isa::kAvx512Bf16) xf = x.to(at::kFloat).contiguous();  // [B, K]: small next to the weights
+  const float* xfp = xf.defined() ? xf.data_ptr<float>() : nullptr;
   const int64_t tiles = w.size(0);
   const int64_t grain = std::max<int64_t>(2, 32768 / std::max<int64_t>(K * 32, 1) * 2);
   at::parallel_for(0, (tiles + 1) / 2, std::max<int64_t>(1, grain / 2), [&](int64_t p0, int64_t p1) {
-    packed_range(a, p0 * 2, std::min(tiles, p1 * 2));
+    packed_range(a, xfp, p0 * 2, std::min(tiles, p1 * 2));
   });
   return y;
 }
