@@ -121,13 +121,18 @@ def _serve_config(args: argparse.Namespace):
         host=args.host, port=args.port, redis_url=args.redis_url, kv_transport=args.kv_transport,
         kv_failure_policy=args.kv_failure_policy, rate_limit_per_minute=args.rate_limit_per_minute,
         reasoning_parser=args.reasoning_parser, worker_threads=args.worker_threads, ray_address=args.ray_address,
-        cpu_bind=args.cpu_bind,
+        cpu_bind=args.cpu_bind, drain_timeout_seconds=args.drain_timeout_seconds,
     )
     keys = list(args.api_key or [])
     if not keys and os.environ.get("PDSERVE_API_KEY"):
         keys = [k.strip() for k in os.environ["PDSERVE_API_KEY"].split(",") if k.strip()]
     if keys:
         fields["api_keys"] = tuple(keys)
+    admin = list(args.admin_api_key or [])
+    if not admin and os.environ.get("PDSERVE_ADMIN_API_KEY"):
+        admin = [k.strip() for k in os.environ["PDSERVE_ADMIN_API_KEY"].split(",") if k.strip()]
+    if admin:
+        fields["admin_api_keys"] = tuple(admin)
     if args.mixed and args.prefill is None and args.decode is None:
         fields["prefill"] = fields["decode"] = 0
     fields = {k: v for k, v in fields.items() if v is not None}
@@ -154,6 +159,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-failure-policy", choices=["fail", "recompute"], default=None)
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted API key (repeatable; default: $PDSERVE_API_KEY, comma separated)")
+    p.add_argument("--admin-api-key", action="append", default=None,
+                   help="key of the /admin API: worker list and role switches (repeatable; default: "
+                        "$PDSERVE_ADMIN_API_KEY, comma separated; none = the admin API is off)")
+    p.add_argument("--drain-timeout", type=float, default=None, dest="drain_timeout_seconds",
+                   help="role switch: seconds a worker waits for its old role's in-flight work (default 60)")
     p.add_argument("--rate-limit-per-minute", type=int, default=None, help="requests per minute per API key")
     p.add_argument("--reasoning-parser", choices=["think"], default=None)
     p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker (default 1)")

@@ -59,6 +59,9 @@ class WorkerSpec(_Strict):
     kv_timeout_seconds: float = Field(10.0, gt=0)
     heartbeat_seconds: float = Field(1.0, gt=0)
     registry_ttl_seconds: float = Field(10.0, gt=0)
+    drain_timeout_seconds: float = Field(
+        60.0, gt=0, description="role switch: how long in-flight work of the dropped role may take to finish "
+        "before the switch rolls back (SetRole's drain_timeout_s overrides)")
     num_threads: int = Field(1, gt=0, description="torch intra-op threads for this worker")
     cpu_cores: tuple[int, ...] | None = Field(
         None, description="cores this worker's threads are pinned to (None = not pinned); see cluster/cpu_binding.py")
@@ -92,7 +95,11 @@ class ClusterConfig(_Strict):
     kv_transport: Literal["nixl", "grpc"] = "nixl"
     kv_failure_policy: Literal["fail", "recompute"] = "fail"
     kv_lease_seconds: float = Field(30.0, gt=0)
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = Field((), repr=False)
+    admin_api_keys: tuple[str, ...] = Field(
+        (), repr=False, description="keys of the router's /admin API (worker list, role switches); empty = off")
+    drain_timeout_seconds: float = Field(
+        60.0, gt=0, description="role switch: how long a worker waits for in-flight work of its old role")
     rate_limit_per_minute: int | None = Field(None, gt=0)
     reasoning_parser: Literal["think"] | None = None
     worker_threads: int = Field(1, gt=0)
@@ -135,7 +142,8 @@ class ClusterConfig(_Strict):
             self.engine.model_copy(update={"expert_parallel_size": ep})
         return WorkerSpec(role=role, engine=engine, host=self.host, redis_url=redis_url, cluster=self.cluster,
                           kv_transport=self.kv_transport, kv_failure_policy=self.kv_failure_policy,
-                          kv_lease_seconds=self.kv_lease_seconds, num_threads=self.worker_threads)
+                          kv_lease_seconds=self.kv_lease_seconds, num_threads=self.worker_threads,
+                          drain_timeout_seconds=self.drain_timeout_seconds)
 
     def worker_specs(self, redis_url: str) -> list[WorkerSpec]:
         """Every worker to start, in start order."""

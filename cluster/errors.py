@@ -60,3 +60,23 @@ class WorkerError(PdserveError):
     status = 502
     type = "internal_server_error"
     code = "worker_error"
+
+
+class NotFoundError(PdserveError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ConflictError(PdserveError):
+    """The request conflicts with the target's state (a stale expected epoch, a switch running)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class NotImplementedFeatureError(PdserveError):
+    status = 501
+    type = "invalid_request_error"
+    code = "not_implemented"

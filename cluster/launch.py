@@ -179,7 +179,8 @@ def build_router_app(config: ClusterConfig, redis_url: str):
 
     info = model_info(config.engine, config.served_model_name or default_served_name(config.engine.model))
     backend = ClusterBackend(Store.from_url(redis_url, config.cluster), info, block_size=config.engine.block_size)
-    settings = RouterSettings(api_keys=list(config.api_keys), rate_limit_per_minute=config.rate_limit_per_minute,
+    settings = RouterSettings(api_keys=list(config.api_keys), admin_api_keys=list(config.admin_api_keys),
+                              rate_limit_per_minute=config.rate_limit_per_minute,
                               reasoning_parser=config.reasoning_parser, served_model_name=info.name)
     limiter = None
     if config.rate_limit_per_minute:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP front: `create_app(backend, settings) -> FastAPI`.
 
 Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize (behind
-API keys and rate limits when configured), /health, /ready, /metrics (open). Every error
+API keys and rate limits when configured), /health, /ready, /metrics (open), /admin/... (behind
+the admin keys; off without one; cluster backends only, see cluster/router/admin.py). Every error
 leaves in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from cluster.errors import InvalidRequestError, NoWorkerError, PdserveError
 from cluster.metrics import RouterMetrics
+from cluster.router.admin import add_admin_routes
 from cluster.router.backend import Backend
 from cluster.router.chat import create_chat_completion
 from cluster.router.completions import create_completion
@@ -63,8 +65,11 @@ def create_app(backend: Backend, settings: RouterSettings | None = None, *, rate
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.router = state
     app.add_middleware(GuardMiddleware, api_keys=settings.api_keys, limiter=rate_limiter,
-                       max_body_bytes=settings.max_body_bytes)
+                       max_body_bytes=settings.max_body_bytes, admin_api_keys=settings.admin_api_keys)
     _add_error_handlers(app)
+    admin = getattr(backend, "admin", None)
+    if admin is not None and settings.admin_api_keys:
+        add_admin_routes(app, admin)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:

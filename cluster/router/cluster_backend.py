@@ -8,6 +8,11 @@
    down and the step is retried once elsewhere before the client sees an error.
 With only `mixed` workers, one `Generate` call does it all (retried once elsewhere likewise, if
 the worker failed before streaming anything).
+
+Role switches: a worker whose epoch moved on, or that is mid-switch, refuses with
+FAILED_PRECONDITION; the router re-reads the registry and re-routes, up to `max_reroutes` times
+per step (however many switches happen meanwhile), and waits up to `reroute_wait_s` for a worker
+of the needed role when every candidate is switching. The client sees none of it.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import grpc
 
 from cluster.config import EngineArgs
 from cluster.errors import InvalidRequestError, NoWorkerError, PdserveError, WorkerError
+from cluster.router.admin import ClusterAdmin
 from cluster.router.backend import GenerationRequest, ModelInfo
 from cluster.router.policy import pick_decode, pick_prefill
 from cluster.router.pool import WorkerConn, WorkerPool
@@ -31,8 +37,6 @@ from engine.loader import load_config, load_tokenizer, resolve_model_path
 from pdserve.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
-
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 def model_info(engine: EngineArgs, served_model_name: str) -> ModelInfo:
@@ -57,12 +61,17 @@ def _error(exc: grpc.aio.AioRpcError, conn: WorkerConn) -> PdserveError:
 
 
 class ClusterBackend:
-    def __init__(self, store: Store, model: ModelInfo, block_size: int = 16, prefill_timeout_s: float = 600.0) -> None:
+    def __init__(self, store: Store, model: ModelInfo, block_size: int = 16, prefill_timeout_s: float = 600.0,
+                 max_reroutes: int = 16, reroute_wait_s: float = 10.0) -> None:
         self.store = store
         self.model = model
         self.block_size = block_size
         self.prefill_timeout_s = prefill_timeout_s
+        self.max_reroutes = max_reroutes
+        self.reroute_wait_s = reroute_wait_s
         self.pool = WorkerPool(store)
+        self.admin = ClusterAdmin(self.pool)
+        self.reroutes_total = 0
         self._bg: set[asyncio.Task] = set()
 
     # ----- Backend protocol -----
@@ -114,8 +123,42 @@ class ClusterBackend:
         return worker_pb2.GenerateRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                                           params=params_to_pb(request.params), epoch=epoch)
 
-    async def _pick_prefill(self, request: GenerationRequest, role: str, exclude: set[str]) -> WorkerConn:
+    async def _candidates(self, role: str, exclude: set[str], waited: bool) -> list[WorkerConn]:
+        """Ready workers of `role` not in `exclude`; after a re-route (`waited`), waits a while for
+        one when the only candidates are mid-switch."""
         conns = [c for c in self.pool.ready(role) if c.info.worker_id not in exclude]
+        if conns or not waited:
+            return conns
+        deadline = time.monotonic() + self.reroute_wait_s
+        while time.monotonic() < deadline and self.pool.switching():
+            await asyncio.sleep(0.1)
+            await self.pool.refresh(force=True)
+            conns = [c for c in self.pool.ready(role) if c.info.worker_id not in exclude]
+            if conns:
+                break
+        return conns
+
+    async def _rerouted(self, conn: WorkerConn, exc: grpc.aio.AioRpcError, tried: set[str], attempts: int) -> bool:
+        """Whether to try the step again after `exc` (and on which view): UNAVAILABLE excludes the
+        worker (one retry); FAILED_PRECONDITION (stale epoch, wrong role, mid-switch) re-reads the
+        registry and re-routes up to max_reroutes times."""
+        code = exc.code()
+        if code == grpc.StatusCode.FAILED_PRECONDITION and attempts < self.max_reroutes:
+            if "layout" in (exc.details() or ""):
+                return False  # a KV layout mismatch does not go away by re-routing to the same pair
+            self.reroutes_total += 1
+            logger.info("worker %s refused (%s); re-routing", conn.info.worker_id, exc.details())
+            await self.pool.refresh(force=True)
+            return True
+        if code == grpc.StatusCode.UNAVAILABLE and conn.info.worker_id not in tried:
+            tried.add(conn.info.worker_id)
+            await self._after_failure(conn, exc)
+            return True
+        return False
+
+    async def _pick_prefill(self, request: GenerationRequest, role: str, exclude: set[str],
+                            waited: bool = False) -> WorkerConn:
+        conns = await self._candidates(role, exclude, waited)
         if not conns:
             raise NoWorkerError(self._missing())
         hashes = prefix_block_hashes(list(request.prompt_token_ids), self.block_size)
@@ -124,8 +167,9 @@ class ClusterBackend:
         view = pick_prefill([c.view() for c in conns], overlap, prompt_blocks, self.block_size)
         return self.pool.conns[view.worker_id]
 
-    def _pick_decode(self, request: GenerationRequest, exclude: set[str], prefill: WorkerConn) -> WorkerConn:
-        ready = [c for c in self.pool.ready("decode") if c.info.worker_id not in exclude]
+    async def _pick_decode(self, request: GenerationRequest, exclude: set[str], prefill: WorkerConn,
+                           waited: bool = False) -> WorkerConn:
+        ready = await self._candidates("decode", exclude, waited)
         # KV only moves between identical layouts (the handshake enforces it; skip the doomed pairs).
         conns = [c for c in ready if c.info.layout_hash == prefill.info.layout_hash]
         if not conns:
@@ -138,17 +182,17 @@ class ClusterBackend:
 
     async def _prefill(self, request: GenerationRequest) -> tuple[WorkerConn, worker_pb2.PrefillResponse]:
         tried: set[str] = set()
+        attempts = 0
         while True:
-            conn = await self._pick_prefill(request, "prefill", tried)
+            conn = await self._pick_prefill(request, "prefill", tried, waited=attempts > 0)
             conn.inflight += 1
             try:
                 resp = await conn.stub.Prefill(self._generate_pb(request, conn.info.epoch),
                                                timeout=self.prefill_timeout_s)
                 return conn, resp
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in _RETRYABLE and not tried:
-                    tried.add(conn.info.worker_id)
-                    await self._after_failure(conn, exc)
+                attempts += 1
+                if await self._rerouted(conn, exc, tried, attempts):
                     continue
                 raise _error(exc, conn) from exc
             finally:
@@ -162,9 +206,10 @@ class ClusterBackend:
             return
         tried: set[str] = set()
         finished = False
+        attempts = 0
         while True:
             try:
-                d_conn = self._pick_decode(request, tried, p_conn)
+                d_conn = await self._pick_decode(request, tried, p_conn, waited=attempts > 0)
             except NoWorkerError:
                 self._abort_later(p_conn, rid)  # nobody will pull: unpin now rather than at lease expiry
                 raise
@@ -181,11 +226,10 @@ class ClusterBackend:
                 return
             except grpc.aio.AioRpcError as exc:
                 # Nothing streamed yet and P still holds the lease: another decode worker can pull.
-                retry = exc.code() in _RETRYABLE and not got_any and not tried
+                attempts += 1
+                retry = not got_any and await self._rerouted(d_conn, exc, tried, attempts)
                 if not retry:
                     raise _error(exc, d_conn) from exc
-                tried.add(d_conn.info.worker_id)
-                await self._after_failure(d_conn, exc)
             finally:
                 d_conn.inflight -= 1
                 if not finished:
@@ -196,8 +240,9 @@ class ClusterBackend:
 
     async def _colocated(self, request: GenerationRequest) -> AsyncIterator[worker_pb2.TokenChunk]:
         tried: set[str] = set()
+        attempts = 0
         while True:
-            conn = await self._pick_prefill(request, "mixed", tried)
+            conn = await self._pick_prefill(request, "mixed", tried, waited=attempts > 0)
             conn.inflight += 1
             call = conn.stub.Generate(self._generate_pb(request, conn.info.epoch))
             finished = got_any = retry = False
@@ -210,13 +255,12 @@ class ClusterBackend:
             except grpc.aio.AioRpcError as exc:
                 # Nothing streamed yet (e.g. the worker's engine failed while it was queued): another
                 # mixed worker can run it from the start, as _prefill does.
-                retry = exc.code() in _RETRYABLE and not got_any and not tried
+                attempts += 1
+                retry = not got_any and await self._rerouted(conn, exc, tried, attempts)
                 if not retry:
                     if exc.code() == grpc.StatusCode.UNAVAILABLE:
                         self.pool.mark_down(conn.info.worker_id)
                     raise _error(exc, conn) from exc
-                tried.add(conn.info.worker_id)
-                await self._after_failure(conn, exc)
             finally:
                 conn.inflight -= 1
                 if not finished:

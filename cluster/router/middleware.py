@@ -16,14 +16,17 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cluster.errors import AuthenticationError, InvalidRequestError, PdserveError, RateLimitError, RequestTooLargeError
+from cluster.errors import (AuthenticationError, InvalidRequestError, NotFoundError, PdserveError, RateLimitError,
+                            RequestTooLargeError)
 from cluster.router.limits import RateLimiter
 from cluster.router.openai import error_body
 
 logger = logging.getLogger(__name__)
 
-# Paths that need a key (and count against the rate limit); /health, /ready, /metrics stay open.
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/admin/")
+# Paths that need a user key (and count against the rate limit); /health, /ready, /metrics stay
+# open. /admin needs an admin key, never a user key, and is off when no admin key is configured.
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+ADMIN_PREFIX = "/admin"
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
@@ -41,18 +44,19 @@ def bearer_key(headers: Headers) -> str | None:
 
 class GuardMiddleware:
     def __init__(self, app: ASGIApp, *, api_keys: Sequence[str] = (), limiter: RateLimiter | None = None,
-                 max_body_bytes: int = 4 << 20) -> None:
+                 max_body_bytes: int = 4 << 20, admin_api_keys: Sequence[str] = ()) -> None:
         self.app = app
         self._keys = [k.encode() for k in api_keys]
+        self._admin_keys = [k.encode() for k in admin_api_keys]
         self.limiter = limiter
         self.max_body_bytes = max_body_bytes
 
-    def _key_ok(self, key: str | None) -> bool:
+    def _key_ok(self, key: str | None, keys: Sequence[bytes] | None = None) -> bool:
         if key is None:
             return False
         given = key.encode()
         # Compare against every key (no early exit) in constant time per key.
-        return sum(hmac.compare_digest(given, k) for k in self._keys) > 0
+        return sum(hmac.compare_digest(given, k) for k in (self._keys if keys is None else keys)) > 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,7 +72,10 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
 
     async def _check_access(self, scope: Scope, headers: Headers) -> JSONResponse | None:
-        if not scope["path"].startswith(PROTECTED_PREFIXES):
+        path = scope["path"]
+        if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+            return self._check_admin(scope, headers)
+        if not path.startswith(PROTECTED_PREFIXES):
             return None
         key = bearer_key(headers)
         if self._keys and not self._key_ok(key):
@@ -90,6 +97,17 @@ class GuardMiddleware:
         wait = max(1, math.ceil(retry_after))
         return error_response(RateLimitError(f"Rate limit reached for this API key: retry after {wait} s."),
                               headers={"Retry-After": str(wait)})
+
+    def _check_admin(self, scope: Scope, headers: Headers) -> JSONResponse | None:
+        if not self._admin_keys:
+            return error_response(NotFoundError(
+                "The admin API is off: start the router with --admin-api-key (or $PDSERVE_ADMIN_API_KEY)."))
+        if not self._key_ok(bearer_key(headers), self._admin_keys):
+            logger.info("rejected %s %s: missing or wrong admin key", scope["method"], scope["path"])
+            return error_response(AuthenticationError(
+                "Invalid or missing admin key: send it as 'Authorization: Bearer <admin key>' "
+                "(API keys do not open the admin API)."), headers={"WWW-Authenticate": "Bearer"})
+        return None
 
     async def _read_body(self, headers: Headers, receive: Receive) -> tuple[JSONResponse | None, Receive | None]:
         """(rejection, replaying receive); (None, None) when the client left while sending."""

@@ -17,6 +17,7 @@ import grpc
 from cluster.router.policy import WorkerView
 from cluster.rpc import GRPC_OPTIONS
 from cluster.state.store import Store, WorkerInfo
+from cluster.worker.roles import SWITCHING_PHASES
 from pdserve.v1 import kv_pb2_grpc, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ class WorkerPool:
     def ready(self, *roles: str) -> list[WorkerConn]:
         now = time.monotonic()
         return [c for c in self.conns.values() if c.info.role in roles and c.info.ready and c.down_until <= now]
+
+    def switching(self) -> bool:
+        """Whether some registered worker is in the middle of a role switch (its role may return)."""
+        return any(c.info.phase in SWITCHING_PHASES for c in self.conns.values())
 
     def mark_down(self, worker_id: str) -> None:
         conn = self.conns.get(worker_id)

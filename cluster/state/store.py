@@ -30,7 +30,7 @@ RATE_WINDOW_S = 60
 # partial hash (load but no address), which readers could not use.
 _HEARTBEAT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'load', ARGV[3], 'heartbeat_ts', ARGV[4], 'ready', ARGV[5])
+redis.call('HSET', KEYS[1], 'load', ARGV[3], 'heartbeat_ts', ARGV[4], 'ready', ARGV[5], 'phase', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
 return 1
@@ -114,6 +114,7 @@ class WorkerInfo:
     ready: bool = True
     started_ts: float = 0.0
     expert_parallel_size: int = 1
+    phase: str = "ready"  # the worker's admission phase (cluster.worker.roles)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -135,6 +136,7 @@ class WorkerInfo:
             "ready": "1" if self.ready else "0",
             "started_ts": repr(float(self.started_ts)),
             "expert_parallel_size": str(int(self.expert_parallel_size)),
+            "phase": self.phase,
         }
 
     @classmethod
@@ -152,6 +154,7 @@ class WorkerInfo:
             ready=h.get("ready", "0") == "1",
             started_ts=float(h.get("started_ts", 0.0)),
             expert_parallel_size=int(h.get("expert_parallel_size", 1)),
+            phase=h.get("phase", "ready"),
         )
 
 
@@ -213,11 +216,13 @@ class Store:
             await pipe.execute()
         logger.info("registered worker %s (%s, epoch %d) at %s", info.worker_id, info.role, info.epoch, info.address)
 
-    async def heartbeat(self, worker_id: str, load: WorkerLoad, ready: bool = True, ttl_s: float = 10.0) -> bool:
-        """Refresh load and TTL. False when the worker's hash is gone: the worker must re-register."""
+    async def heartbeat(self, worker_id: str, load: WorkerLoad, ready: bool = True, ttl_s: float = 10.0,
+                        phase: str = "ready") -> bool:
+        """Refresh load, readiness, phase and TTL. False when the worker's hash is gone: the worker
+        must re-register."""
         ok = await self._heartbeat(
             keys=[self.keys.worker(worker_id), self.keys.workers()],
-            args=[_ms(ttl_s), worker_id, load.to_json(), repr(time.time()), "1" if ready else "0"],
+            args=[_ms(ttl_s), worker_id, load.to_json(), repr(time.time()), "1" if ready else "0", phase],
         )
         if not ok:
             logger.warning("heartbeat of worker %s found no registration (expired or removed)", worker_id)

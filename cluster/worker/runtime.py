@@ -31,9 +31,12 @@ from cluster.kv.service import KVServicer
 from cluster.rpc import GRPC_OPTIONS
 from cluster.state.prefix import prefix_block_hashes
 from cluster.state.store import Store, WorkerInfo, WorkerLoad
+from cluster.worker.admission import Admission
 from cluster.worker.engine_loop import EngineDead, EngineLoop
 from cluster.worker.service import ROLE_PB, WorkerServicer
+from cluster.worker.roles import RoleMachine
 from cluster.worker.stats import stats_response
+from cluster.worker.switch import RoleSwitcher
 from engine.llm_engine import LLMEngine
 from pdserve.v1 import kv_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -62,10 +65,11 @@ class WorkerRuntime:
         self.spec = spec
         self.ep_launcher = ep_launcher
         self.worker_id = spec.worker_id or f"{spec.role}-{uuid.uuid4().hex[:8]}"
-        self.role = spec.role
-        self.epoch = 1
-        self.draining = False
-        self.failure: str | None = None  # why the engine failed; the worker then serves nothing
+        # The single owner of role, epoch and phase; the servicer asks it, the switcher drives it.
+        self.roles = RoleMachine(self.worker_id, spec.role, time.time())
+        self.admission = Admission(self.roles)
+        self.switcher = RoleSwitcher(self.admission, publish=self._publish_phase, write_role=self._write_role,
+                                     restore=self._restore_registration, default_drain_s=spec.drain_timeout_seconds)
         self.ep_size = spec.engine.expert_parallel_size
         self.ep_pids: list[int] = []
         self.started_ts = time.time()
@@ -78,6 +82,19 @@ class WorkerRuntime:
         self._housekeeping: asyncio.Task | None = None
         self.loop: EngineLoop
         self.store: Store
+
+    @property
+    def role(self) -> str:
+        return self.roles.role
+
+    @property
+    def epoch(self) -> int:
+        return self.roles.epoch
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine failed (the worker then serves nothing), else None."""
+        return self.roles.reason if self.roles.phase == "failed" else None
 
     # ----- lifecycle -----
     async def start(self) -> None:
@@ -121,7 +138,8 @@ class WorkerRuntime:
 
     async def stop(self) -> None:
         """Deregister first (routers stop sending), then close the server and the engine."""
-        self.draining = True
+        self.roles.stop(time.time())
+        self.switcher.cancel()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         try:
@@ -141,7 +159,8 @@ class WorkerRuntime:
         """The engine loop died (its requests already failed): stop being routable, at once."""
         if self.failure is not None:
             return
-        self.failure = f"engine failed: {exc}"
+        self.switcher.cancel()
+        self.roles.fail(f"engine failed: {exc}", time.time())
         logger.error("worker %s: %s; deregistering (requests now get UNAVAILABLE)", self.worker_id, self.failure)
         if self._housekeeping is not None:
             self._housekeeping.cancel()  # it would heartbeat (and so re-register) the worker
@@ -197,7 +216,8 @@ class WorkerRuntime:
         s, queued, counts = await self.loop.call(read)
         return stats_response(self.worker_id, ROLE_PB[self.role], self.epoch, s, self.kv_counters,
                               num_active_leases=len(self.leases), queued_prefill_tokens=queued,
-                              expert_parallel_size=self.ep_size, expert_load=counts)
+                              expert_parallel_size=self.ep_size, expert_load=counts,
+                              role_switches_total=self.roles.switches_total)
 
     # ----- housekeeping -----
     async def _load(self) -> WorkerLoad:
@@ -210,8 +230,24 @@ class WorkerRuntime:
     def _info(self, load: WorkerLoad) -> WorkerInfo:
         return WorkerInfo(worker_id=self.worker_id, address=self.address, role=self.role, epoch=self.epoch,
                           model=self.model_name, layout_hash=self.layout.hash(), transport=self.spec.kv_transport,
-                          load=load, heartbeat_ts=time.time(), ready=not self.draining, started_ts=self.started_ts,
-                          expert_parallel_size=self.ep_size)
+                          load=load, heartbeat_ts=time.time(), ready=self.roles.ready, started_ts=self.started_ts,
+                          expert_parallel_size=self.ep_size, phase=self.roles.phase)
+
+    # ----- role switching (driven by self.switcher) -----
+    async def _publish_phase(self) -> None:
+        """Heartbeat now, so routers see a fence or a flip without waiting for the next tick."""
+        load = await self._load()
+        if not await self.store.heartbeat(self.worker_id, load, ready=self.roles.ready,
+                                          ttl_s=self.spec.registry_ttl_seconds, phase=self.roles.phase):
+            await self.store.register_worker(self._info(load), ttl_s=self.spec.registry_ttl_seconds)
+
+    async def _write_role(self, role: str, epoch: int) -> bool:
+        return await self.store.set_role(self.worker_id, role, epoch)  # type: ignore[arg-type]
+
+    async def _restore_registration(self) -> None:
+        """After a rollback: the whole hash again, old role and epoch included (set_role cannot
+        lower an epoch that a half-done flip may have written)."""
+        await self.store.register_worker(self._info(await self._load()), ttl_s=self.spec.registry_ttl_seconds)
 
     async def _housekeep(self) -> None:
         while True:
@@ -219,8 +255,8 @@ class WorkerRuntime:
                 self._check_ranks()
                 await self.kv_service.reap(time.time())
                 load = await self._load()
-                if not await self.store.heartbeat(self.worker_id, load, ready=not self.draining,
-                                                  ttl_s=self.spec.registry_ttl_seconds):
+                if not await self.store.heartbeat(self.worker_id, load, ready=self.roles.ready,
+                                                  ttl_s=self.spec.registry_ttl_seconds, phase=self.roles.phase):
                     await self.store.register_worker(self._info(load), ttl_s=self.spec.registry_ttl_seconds)
                 if self.role == "decode" or (self.role == "mixed" and self.ep_size == 1):
                     await self._connect_peers()  # an EP group takes no KV (see WorkerServicer.Decode)

@@ -26,6 +26,7 @@ import grpc
 
 from cluster.worker.convert import output_to_chunk, params_from_pb
 from cluster.worker.engine_loop import EngineDead
+from cluster.worker.roles import Kind, SwitchRefused
 from engine.sampling_params import SamplingParams
 from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 
@@ -35,6 +36,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ROLE_PB = {"prefill": worker_pb2.ROLE_PREFILL, "decode": worker_pb2.ROLE_DECODE, "mixed": worker_pb2.ROLE_MIXED}
+ROLE_NAMES = {v: k for k, v in ROLE_PB.items()}
+_REFUSED_CODE = {
+    "stale_epoch": grpc.StatusCode.FAILED_PRECONDITION,
+    "busy": grpc.StatusCode.ABORTED,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "unimplemented": grpc.StatusCode.UNIMPLEMENTED,
+}
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -42,18 +51,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.rt = rt
 
     # ----- checks -----
-    async def _admit(self, ctx: grpc.aio.ServicerContext, epoch: int, roles: tuple[str, ...], what: str) -> None:
-        rt = self.rt
-        if rt.failure is not None:
-            await ctx.abort(grpc.StatusCode.UNAVAILABLE, f"worker {rt.worker_id} is out of service: {rt.failure}")
-        if rt.draining:
-            await ctx.abort(grpc.StatusCode.UNAVAILABLE, f"worker {rt.worker_id} is shutting down")
-        if rt.role not in roles:
-            await ctx.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"worker {rt.worker_id} has role {rt.role}; {what} needs {' or '.join(roles)}")
-        if epoch and epoch != rt.epoch:
-            await ctx.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"worker {rt.worker_id} is at epoch {rt.epoch}, the request saw {epoch}")
+    async def _admit(self, ctx: grpc.aio.ServicerContext, epoch: int, kind: Kind) -> None:
+        """Admit a request of `kind` (counted until `self.rt.admission.leave(kind)`) or abort the RPC."""
+        refusal = self.rt.admission.enter(kind, epoch)
+        if refusal is not None:
+            code = grpc.StatusCode.UNAVAILABLE if refusal.code == "unavailable" else grpc.StatusCode.FAILED_PRECONDITION
+            await ctx.abort(code, refusal.message)
 
     async def _params(self, ctx: grpc.aio.ServicerContext, req: worker_pb2.GenerateRequest) -> SamplingParams:
         try:
@@ -64,7 +67,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     # ----- prefill -----
     async def Prefill(self, request: worker_pb2.GenerateRequest, context) -> worker_pb2.PrefillResponse:
-        await self._admit(context, request.epoch, ("prefill", "mixed"), "Prefill")
+        await self._admit(context, request.epoch, "prefill")
+        with self.rt.admission.holding("prefill"):
+            return await self._prefill(request, context)
+
+    async def _prefill(self, request: worker_pb2.GenerateRequest, context) -> worker_pb2.PrefillResponse:
         params = await self._params(context, request)
         rt, rid = self.rt, request.request_id
         t0 = time.monotonic()
@@ -100,17 +107,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     # ----- decode -----
     async def Decode(self, request: worker_pb2.DecodeRequest, context) -> AsyncIterator[worker_pb2.TokenChunk]:
-        # aclosing: a client that goes away must run _decode's cleanup now, not at garbage collection.
-        async with contextlib.aclosing(self._decode(request, context)) as chunks:
-            try:
-                async for chunk in chunks:
-                    yield chunk
-            except EngineDead as exc:
-                await self._unavailable(context, exc)
+        await self._admit(context, request.request.epoch, "decode")
+        with self.rt.admission.holding("decode"):
+            # aclosing: a client that goes away must run _decode's cleanup now, not at garbage collection.
+            async with contextlib.aclosing(self._decode(request, context)) as chunks:
+                try:
+                    async for chunk in chunks:
+                        yield chunk
+                except EngineDead as exc:
+                    await self._unavailable(context, exc)
 
     async def _decode(self, request: worker_pb2.DecodeRequest, context) -> AsyncIterator[worker_pb2.TokenChunk]:
         g = request.request
-        await self._admit(context, g.epoch, ("decode", "mixed"), "Decode")
         params = await self._params(context, g)
         rt, rid, handle = self.rt, g.request_id, request.handle
         if handle.layout_hash != rt.layout.hash():
@@ -167,15 +175,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     # ----- colocated -----
     async def Generate(self, request: worker_pb2.GenerateRequest, context) -> AsyncIterator[worker_pb2.TokenChunk]:
-        await self._admit(context, request.epoch, ("mixed",), "Generate")
-        params = await self._params(context, request)
-        try:
-            async for out in self.rt.loop.generate(request.request_id, list(request.prompt_token_ids), params):
-                yield output_to_chunk(out, params.logprobs)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except EngineDead as exc:
-            await self._unavailable(context, exc)
+        await self._admit(context, request.epoch, "generate")
+        with self.rt.admission.holding("generate"):
+            params = await self._params(context, request)
+            try:
+                async for out in self.rt.loop.generate(request.request_id, list(request.prompt_token_ids), params):
+                    yield output_to_chunk(out, params.logprobs)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except EngineDead as exc:
+                await self._unavailable(context, exc)
 
     async def _unavailable(self, ctx: grpc.aio.ServicerContext, exc: EngineDead) -> None:
         await ctx.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.rt.worker_id}: {exc}")
@@ -186,11 +195,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.AbortResponse(found=found)
 
     async def Health(self, request, context) -> worker_pb2.HealthResponse:
-        rt = self.rt
-        ready = rt.loop.alive and not rt.draining and rt.failure is None
-        message = "ready" if ready else rt.failure or ("draining" if rt.draining else "engine stopped")
-        return worker_pb2.HealthResponse(ready=ready, role=ROLE_PB[rt.role], epoch=rt.epoch, worker_id=rt.worker_id,
-                                         message=message)
+        rt, m = self.rt, self.rt.roles
+        ready = rt.loop.alive and m.ready
+        if ready:
+            message = "ready"
+        elif m.phase == "failed":
+            message = m.reason
+        elif m.switching:
+            message = f"switching from {m.role} to {m.target_role} ({m.phase})"
+        elif m.phase == "stopping":
+            message = "shutting down"
+        else:
+            message = "engine stopped"
+        return worker_pb2.HealthResponse(
+            ready=ready, role=ROLE_PB[m.role], epoch=m.epoch, worker_id=rt.worker_id, message=message, phase=m.phase,
+            phase_since_unix=m.phase_since, target_role=ROLE_PB.get(m.target_role or "", 0), reason=m.reason,
+            history=[worker_pb2.PhaseEvent(phase=e.phase, ts_unix=e.ts, role=ROLE_PB[e.role], epoch=e.epoch,
+                                           target_role=ROLE_PB.get(e.target_role or "", 0), note=e.note)
+                     for e in m.history],
+            role_switches_total=m.switches_total, role_rollbacks_total=m.rollbacks_total)
 
     async def Stats(self, request, context) -> worker_pb2.StatsResponse:
         try:
@@ -199,6 +222,27 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await self._unavailable(context, exc)
             raise  # unreachable: abort raises
 
-    async def SetRole(self, request, context) -> worker_pb2.SetRoleResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "role switching is not implemented yet (reserved for the planner)")
+    async def SetRole(self, request: worker_pb2.SetRoleRequest, context) -> worker_pb2.SetRoleResponse:
+        m = self.rt.roles
+        target = ROLE_NAMES.get(request.role)
+        if target is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SetRole needs a role: prefill, decode or mixed")
+        if request.drain_timeout_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"drain_timeout_s must not be negative, got {request.drain_timeout_s:g}")
+        try:
+            changed = await self.rt.switcher.request(target, request.expected_epoch, request.drain_timeout_s,
+                                                     request.migrate, request.wait)
+        except SwitchRefused as exc:
+            await context.abort(_REFUSED_CODE[exc.code], str(exc))
+            raise  # unreachable: abort raises
+        if not changed:
+            message = f"already {m.role} at epoch {m.epoch}"
+        elif m.switching:
+            message = f"switching from {m.role} to {m.target_role}; poll Health until phase is ready"
+        elif m.phase == "ready" and m.role == target:
+            message = f"now {m.role} at epoch {m.epoch}"
+        else:
+            message = f"switch to {target} failed: {m.reason}"
+        return worker_pb2.SetRoleResponse(role=ROLE_PB[m.role], epoch=m.epoch, phase=m.phase, changed=changed,
+                                          message=message)

@@ -153,18 +153,48 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("ready", "role", "epoch", "worker_id", "message")
+    __slots__ = ("ready", "role", "epoch", "worker_id", "message", "phase", "phase_since_unix", "target_role", "reason", "history", "role_switches_total", "role_rollbacks_total")
     READY_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ROLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    ROLE_SWITCHES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_ROLLBACKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     role: Role
     epoch: int
     worker_id: str
     message: str
-    def __init__(self, ready: _Optional[bool] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., worker_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    phase: str
+    phase_since_unix: float
+    target_role: Role
+    reason: str
+    history: _containers.RepeatedCompositeFieldContainer[PhaseEvent]
+    role_switches_total: int
+    role_rollbacks_total: int
+    def __init__(self, ready: _Optional[bool] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., worker_id: _Optional[str] = ..., message: _Optional[str] = ..., phase: _Optional[str] = ..., phase_since_unix: _Optional[float] = ..., target_role: _Optional[_Union[Role, str]] = ..., reason: _Optional[str] = ..., history: _Optional[_Iterable[_Union[PhaseEvent, _Mapping]]] = ..., role_switches_total: _Optional[int] = ..., role_rollbacks_total: _Optional[int] = ...) -> None: ...
+
+class PhaseEvent(_message.Message):
+    __slots__ = ("phase", "ts_unix", "role", "epoch", "target_role", "note")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    TS_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ROLE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    ts_unix: float
+    role: Role
+    epoch: int
+    target_role: Role
+    note: str
+    def __init__(self, phase: _Optional[str] = ..., ts_unix: _Optional[float] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., target_role: _Optional[_Union[Role, str]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
@@ -237,17 +267,29 @@ class ExpertLoad(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
-    __slots__ = ("role", "expected_epoch")
+    __slots__ = ("role", "expected_epoch", "drain_timeout_s", "migrate", "wait")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    MIGRATE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
     role: Role
     expected_epoch: int
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., expected_epoch: _Optional[int] = ...) -> None: ...
+    drain_timeout_s: float
+    migrate: bool
+    wait: bool
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., expected_epoch: _Optional[int] = ..., drain_timeout_s: _Optional[float] = ..., migrate: _Optional[bool] = ..., wait: _Optional[bool] = ...) -> None: ...
 
 class SetRoleResponse(_message.Message):
-    __slots__ = ("role", "epoch")
+    __slots__ = ("role", "epoch", "phase", "changed", "message")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     role: Role
     epoch: int
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    phase: str
+    changed: bool
+    message: str
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., phase: _Optional[str] = ..., changed: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...

@@ -116,7 +116,10 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetRole(self, request, context):
-        """Reserved for dynamic role switching (fence, drain, flip, bump epoch).
+        """Dynamic role switching: fence admission for the old role, drain its in-flight work, flip,
+        bump the epoch, republish as ready (rolled back, and said so in Health, if a step fails).
+        A switch to the current role answers the current epoch; a wrong expected_epoch is
+        FAILED_PRECONDITION; a switch while one runs is ABORTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
