@@ -64,6 +64,8 @@ _WORKER_COUNTERS = (
     ("pdserve:kv_blocks_skipped", "kv_blocks_skipped_total", "KV blocks not pulled: already in the prefix cache."),
     ("pdserve:kv_blocks_served", "kv_blocks_served_total", "KV blocks this worker sent over gRPC."),
     ("pdserve:role_switches", "role_switches_total", "Role switches of the worker."),
+    ("pdserve:requests_resumed", "requests_resumed_total",
+     "Requests the worker resumed from another worker's generated tokens (KV recomputed)."),
 )
 
 
@@ -105,6 +107,29 @@ class WorkerStatsCollector:
         yield experts
 
 
+class BackendCountersCollector:
+    """The router's own re-route and resume counts (`backend.counters()`, when the backend has them)."""
+
+    DOCS = {
+        "reroutes_total": ("pdserve:router_reroutes", "Requests re-routed after a stale-epoch or mid-switch refusal."),
+        "resumes_total": ("pdserve:router_resumes", "Streams resumed on another worker after theirs failed."),
+    }
+
+    def __init__(self) -> None:
+        self.latest: dict[str, float] = {}
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        for key, value in self.latest.items():
+            if key in self.DOCS:
+                name, doc = self.DOCS[key]
+                family = CounterMetricFamily(name, doc)
+                family.add_metric([], float(value))
+                yield family
+
+
 class RouterMetrics:
     """Every series of one router app, in its own registry (tests build several apps)."""
 
@@ -128,6 +153,8 @@ class RouterMetrics:
                                       registry=r)
         self.workers = WorkerStatsCollector()
         r.register(self.workers)
+        self.backend_counters = BackendCountersCollector()
+        r.register(self.backend_counters)
         self.stats_timeout_s = stats_timeout_s
 
     async def render(self, backend) -> bytes:
@@ -138,6 +165,8 @@ class RouterMetrics:
             logger.warning("could not read worker stats for /metrics: %s", exc)
             self.stats_failures.inc()
             self.workers.latest = ()
+        counters = getattr(backend, "counters", None)
+        self.backend_counters.latest = counters() if callable(counters) else {}
         return generate_latest(self.registry)
 
     def track(self, prompt_lens: Sequence[int], n: int, arrival: float) -> "RequestTracker":

@@ -9,6 +9,7 @@ lets the request continue decoding from its first token.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,7 +168,8 @@ class LLMEngine:
             raise ValueError(f"prompt needs {need} KV blocks but the cache has only {self.block_manager.num_blocks}")
 
     def _make_requests(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None, hold_kv: bool
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None, hold_kv: bool,
+        resume: Sequence[int] = (),
     ) -> list[Request]:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -181,29 +183,59 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         if hold_kv and params.n != 1:
             raise ValueError("n > 1 is not supported for a request that holds its KV for export")
+        resume = [int(t) for t in resume]
+        if resume:
+            self._validate_resume(token_ids, resume, params)
         reqs = []
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             seed = None if params.seed is None else params.seed + i
-            reqs.append(Request(child_id, token_ids, params, eos_token_ids=self.eos_token_ids, prompt=text,
-                                seed=seed, parent_id=request_id, index=i, hold_kv=hold_kv))
+            req = Request(child_id, token_ids, params, eos_token_ids=self.eos_token_ids, prompt=text,
+                          seed=seed, parent_id=request_id, index=i, hold_kv=hold_kv)
+            for t in resume:  # as a preempted request: output so far, no KV yet
+                req.append_token(t)
+                if req.logprobs is not None:
+                    req.logprobs.append({})  # the client has these tokens' logprobs already
+            reqs.append(req)
         return reqs
+
+    def _validate_resume(self, prompt: list[int], resume: list[int], params: SamplingParams) -> None:
+        if params.n != 1:
+            raise ValueError("a resumed request continues one choice (n must be 1)")
+        if len(resume) >= params.max_tokens:
+            raise ValueError(f"nothing to resume: {len(resume)} tokens generated of max_tokens {params.max_tokens}")
+        limit = self.config.scheduler.max_model_len
+        if len(prompt) + len(resume) >= limit:
+            raise ValueError(f"prompt + generated tokens ({len(prompt) + len(resume)}) leave no room under "
+                             f"max_model_len {limit}")
+        vocab = self.config.model.vocab_size
+        bad = [t for t in resume if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"generated token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
     def _register(self, request_id: str, reqs: list[Request]) -> None:
         self.children[request_id] = [r.request_id for r in reqs]
         for r in reqs:
             self.requests[r.request_id] = r
             if self.tokenizer is not None:
-                self.detokenizers[r.request_id] = IncrementalDetokenizer(
-                    self.tokenizer, r.prompt_token_ids, r.params.skip_special_tokens
-                )
+                detok = IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, r.params.skip_special_tokens)
+                self.detokenizers[r.request_id] = detok
+                if r.output_token_ids:  # resumed: the text so far, as the first engine streamed it
+                    r.output_text = "".join(detok.add(t) for t in r.output_token_ids)
+                    held = max(len(x) for x in r.params.stop) - 1 if r.params.stop else 0
+                    r.sent_text_len = max(0, len(r.output_text) - held)
         self.prompt_tokens_total += reqs[0].num_prompt_tokens
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *, hold_kv: bool = False
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *, hold_kv: bool = False,
+        resume: Sequence[int] = (),
     ) -> None:
-        """Queue a request (text or token ids). Bad input raises ValueError and changes nothing."""
-        reqs = self._make_requests(request_id, prompt, params, hold_kv)
+        """Queue a request (text or token ids). Bad input raises ValueError and changes nothing.
+
+        `resume`: tokens this request already generated elsewhere (a worker that died, or a
+        sequence moved here): they count as output (max_tokens, penalties, stop strings, the
+        seeded sampler's position) and only what follows them is streamed."""
+        reqs = self._make_requests(request_id, prompt, params, hold_kv, resume)
         self._register(request_id, reqs)
         for r in reqs:
             self.scheduler.add(r)

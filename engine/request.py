@@ -74,6 +74,7 @@ class Request:
         self.new_text = ""
         self.sent_text_len = 0  # output_text[:sent_text_len] has been handed out as new_text
         self.pending_first_token: int | None = None  # sampled by the prefill engine, applied after KV import
+        self.seed = seed
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.generator = torch.Generator()
@@ -94,6 +95,14 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def step_generator(self) -> torch.Generator | None:
+        """The generator for the next sampled token, seeded from (seed, tokens generated so far):
+        the continuation depends only on the sequence, so a request resumed elsewhere with the
+        same output so far samples what it would have sampled here."""
+        if self.generator is not None:
+            self.generator.manual_seed((self.seed * 1_000_003 + self.num_output_tokens) % (1 << 63))
+        return self.generator
 
     def __repr__(self) -> str:
         return (

@@ -19,6 +19,7 @@ class KVCounters:
     recompute_total: int = 0  # counted by the worker when its failure policy recomputes
     blocks_skipped_total: int = 0  # blocks the receiver already had in its prefix cache
     blocks_served_total: int = 0  # blocks streamed by PullBlocks (NIXL reads are one-sided, unseen here)
+    resumed_total: int = 0  # requests resumed here from their generated tokens (KV recomputed)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)

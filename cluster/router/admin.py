@@ -41,8 +41,8 @@ class SetRoleBody(BaseModel):
     role: Literal["prefill", "decode", "mixed"]
     expected_epoch: int | None = Field(None, ge=1, description="refuse (409) unless the worker is at this epoch")
     drain_timeout_s: float | None = Field(None, gt=0, description="None = the worker's default")
-    migrate: bool = Field(False, description="hand running decode sequences to other decode workers "
-                                             "(not built yet: 501 when the switch drops decode)")
+    migrate: bool = Field(False, description="hand running decode sequences to other workers instead of "
+                                             "waiting for them (they resume there: KV recomputed, counted)")
 
 
 def _error_for(exc: grpc.aio.AioRpcError, worker_id: str) -> PdserveError:

@@ -13,6 +13,13 @@ Role switches: a worker whose epoch moved on, or that is mid-switch, refuses wit
 FAILED_PRECONDITION; the router re-reads the registry and re-routes, up to `max_reroutes` times
 per step (however many switches happen meanwhile), and waits up to `reroute_wait_s` for a worker
 of the needed role when every candidate is switching. The client sees none of it.
+
+Resume (Dynamo's "request migration"): a decode or mixed worker that fails mid-stream (it died,
+or its engine did: UNAVAILABLE) is replaced by another one that recomputes prompt + the tokens
+already streamed and continues (`resume_token_ids`; counted by the worker as
+`requests_resumed_total`): the client sees one stream, with no token lost or repeated, the same
+greedy continuation and, for seeded sampling, the same continuation (the seeded sampler's
+position is the number of tokens generated). At most `max_resumes` times per request.
 """
 from __future__ import annotations
 
@@ -62,7 +69,7 @@ def _error(exc: grpc.aio.AioRpcError, conn: WorkerConn) -> PdserveError:
 
 class ClusterBackend:
     def __init__(self, store: Store, model: ModelInfo, block_size: int = 16, prefill_timeout_s: float = 600.0,
-                 max_reroutes: int = 16, reroute_wait_s: float = 10.0) -> None:
+                 max_reroutes: int = 16, reroute_wait_s: float = 10.0, max_resumes: int = 2) -> None:
         self.store = store
         self.model = model
         self.block_size = block_size
@@ -71,7 +78,9 @@ class ClusterBackend:
         self.reroute_wait_s = reroute_wait_s
         self.pool = WorkerPool(store)
         self.admin = ClusterAdmin(self.pool)
+        self.max_resumes = max_resumes
         self.reroutes_total = 0
+        self.resumes_total = 0
         self._bg: set[asyncio.Task] = set()
 
     # ----- Backend protocol -----
@@ -104,6 +113,10 @@ class ClusterBackend:
                                        return_exceptions=True)
         return [r for r in results if isinstance(r, worker_pb2.StatsResponse)]
 
+    def counters(self) -> dict[str, float]:
+        """The router's own counts, for /metrics."""
+        return {"reroutes_total": self.reroutes_total, "resumes_total": self.resumes_total}
+
     async def close(self) -> None:
         for t in list(self._bg):
             t.cancel()
@@ -119,9 +132,23 @@ class ClusterBackend:
         return ("no ready worker for this request: need a prefill and a decode worker, or a mixed one "
                 f"(ready: {have['prefill']} prefill, {have['decode']} decode, {have['mixed']} mixed)")
 
-    def _generate_pb(self, request: GenerationRequest, epoch: int) -> worker_pb2.GenerateRequest:
+    def _generate_pb(self, request: GenerationRequest, epoch: int,
+                     resume: list[int] | None = None) -> worker_pb2.GenerateRequest:
         return worker_pb2.GenerateRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-                                          params=params_to_pb(request.params), epoch=epoch)
+                                          params=params_to_pb(request.params), epoch=epoch,
+                                          resume_token_ids=resume or [])
+
+    def _may_resume(self, exc: grpc.aio.AioRpcError, conn: WorkerConn, resumes: int, tried: set[str]) -> bool:
+        """A worker failed mid-stream (it died, or its engine did): resume elsewhere from the tokens
+        the client already has, at most max_resumes times per request."""
+        if exc.code() != grpc.StatusCode.UNAVAILABLE or resumes >= self.max_resumes:
+            return False
+        tried.add(conn.info.worker_id)
+        self.pool.mark_down(conn.info.worker_id)
+        self.resumes_total += 1
+        logger.warning("worker %s failed mid-stream (%s); resuming the request elsewhere (%d/%d)",
+                       conn.info.worker_id, exc.details(), resumes + 1, self.max_resumes)
+        return True
 
     async def _candidates(self, role: str, exclude: set[str], waited: bool) -> list[WorkerConn]:
         """Ready workers of `role` not in `exclude`; after a re-route (`waited`), waits a while for
@@ -206,7 +233,9 @@ class ClusterBackend:
             return
         tried: set[str] = set()
         finished = False
-        attempts = 0
+        attempts = resumes = 0
+        generated = list(resp.first.token_ids)  # what the client has: a resume continues from it
+        resume = False
         while True:
             try:
                 d_conn = await self._pick_decode(request, tried, p_conn, waited=attempts > 0)
@@ -214,20 +243,29 @@ class ClusterBackend:
                 self._abort_later(p_conn, rid)  # nobody will pull: unpin now rather than at lease expiry
                 raise
             d_conn.inflight += 1
-            decode = worker_pb2.DecodeRequest(request=self._generate_pb(request, d_conn.info.epoch),
-                                              handle=resp.handle, first_token_id=resp.first.token_ids[0])
+            if resume:  # the KV died with the worker: the next one recomputes prompt + generated
+                decode = worker_pb2.DecodeRequest(request=self._generate_pb(request, d_conn.info.epoch, generated))
+            else:
+                decode = worker_pb2.DecodeRequest(request=self._generate_pb(request, d_conn.info.epoch),
+                                                  handle=resp.handle, first_token_id=resp.first.token_ids[0])
             call = d_conn.stub.Decode(decode)
             got_any = retry = False
             try:
                 async for chunk in call:
                     got_any = True
                     finished = bool(chunk.finish_reason)
+                    generated.extend(chunk.token_ids)
                     yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
                 # Nothing streamed yet and P still holds the lease: another decode worker can pull.
                 attempts += 1
                 retry = not got_any and await self._rerouted(d_conn, exc, tried, attempts)
+                if not retry and self._may_resume(exc, d_conn, resumes, tried):
+                    if not resume:
+                        self._abort_later(p_conn, rid)  # nobody pulls P's KV now: unpin it at once
+                    retry = resume = True
+                    resumes += 1
                 if not retry:
                     raise _error(exc, d_conn) from exc
             finally:
@@ -240,23 +278,28 @@ class ClusterBackend:
 
     async def _colocated(self, request: GenerationRequest) -> AsyncIterator[worker_pb2.TokenChunk]:
         tried: set[str] = set()
-        attempts = 0
+        attempts = resumes = 0
+        generated: list[int] = []
         while True:
             conn = await self._pick_prefill(request, "mixed", tried, waited=attempts > 0)
             conn.inflight += 1
-            call = conn.stub.Generate(self._generate_pb(request, conn.info.epoch))
+            call = conn.stub.Generate(self._generate_pb(request, conn.info.epoch, generated))
             finished = got_any = retry = False
             try:
                 async for chunk in call:
                     got_any = True
                     finished = bool(chunk.finish_reason)
+                    generated.extend(chunk.token_ids)
                     yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
                 # Nothing streamed yet (e.g. the worker's engine failed while it was queued): another
-                # mixed worker can run it from the start, as _prefill does.
+                # mixed worker can run it from the start, as _prefill does. Mid-stream: resume there.
                 attempts += 1
                 retry = not got_any and await self._rerouted(conn, exc, tried, attempts)
+                if not retry and generated and self._may_resume(exc, conn, resumes, tried):
+                    retry = True
+                    resumes += 1
                 if not retry:
                     if exc.code() == grpc.StatusCode.UNAVAILABLE:
                         self.pool.mark_down(conn.info.worker_id)

@@ -21,7 +21,9 @@ class Admission:
     def __init__(self, roles: RoleMachine) -> None:
         self.roles = roles
         self._inflight: Counter[str] = Counter()
+        self._ids: dict[str, set[str]] = {}  # kind -> ids of the admitted requests still running
         self._changed = asyncio.Condition()
+        self._notifies: set[asyncio.Task] = set()  # referenced until done (the loop keeps weak refs)
 
     def inflight(self, kinds: Iterable[str] | None = None) -> int:
         return sum(self._inflight.values()) if kinds is None else sum(self._inflight[k] for k in kinds)
@@ -32,17 +34,26 @@ class Admission:
             self._inflight[kind] += 1
         return refusal
 
-    def leave(self, kind: Kind) -> None:
+    def leave(self, kind: Kind, request_id: str = "") -> None:
         self._inflight[kind] -= 1
-        asyncio.get_running_loop().create_task(self._notify())
+        self._ids.get(kind, set()).discard(request_id)
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._notifies.add(task)
+        task.add_done_callback(self._notifies.discard)
+
+    def running(self, kinds: Iterable[str]) -> list[str]:
+        """Ids of the admitted requests of `kinds` still in flight."""
+        return sorted(set().union(*(self._ids.get(k, set()) for k in kinds)))
 
     @contextlib.contextmanager
-    def holding(self, kind: Kind) -> Iterator[None]:
+    def holding(self, kind: Kind, request_id: str = "") -> Iterator[None]:
         """Counts an admitted request until the block ends (for RPCs entered with `enter`)."""
+        if request_id:
+            self._ids.setdefault(kind, set()).add(request_id)
         try:
             yield
         finally:
-            self.leave(kind)
+            self.leave(kind, request_id)
 
     async def wait_idle(self, kinds: Iterable[str], timeout_s: float) -> bool:
         """True once no request of `kinds` is in flight; False if `timeout_s` passed first."""

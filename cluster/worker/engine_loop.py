@@ -33,6 +33,10 @@ class EngineDead(RuntimeError):
     """The engine thread stopped (shutdown or a failed step); in-flight requests fail with this."""
 
 
+class RequestMoved(RuntimeError):
+    """The request was handed to another worker (`EngineLoop.hand_off`); its stream here ends."""
+
+
 class _Fail:
     """A command that ends the loop as if a step had raised `exc` (a failure seen from outside)."""
 
@@ -97,7 +101,8 @@ class EngineLoop:
             self._cmds.put(cmd)
 
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, *, hold_kv: bool = False
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, *, hold_kv: bool = False,
+        resume: list[int] | tuple[int, ...] = (),
     ) -> AsyncIterator[RequestOutput]:
         """Add a request and stream its snapshots; closing the iterator early aborts it."""
         sink = _Sink(asyncio.get_running_loop())
@@ -105,7 +110,7 @@ class EngineLoop:
         def add(engine: LLMEngine) -> None:
             if request_id in self._sinks:
                 raise ValueError(f"request id {request_id!r} is already in flight")
-            engine.add_request(request_id, prompt, params, hold_kv=hold_kv)
+            engine.add_request(request_id, prompt, params, hold_kv=hold_kv, resume=resume)
             self._sinks[request_id] = sink
 
         await self._call_or_abort(add, request_id)
@@ -168,12 +173,17 @@ class EngineLoop:
         """Abort without waiting (cleanup paths of cancelled tasks)."""
         self.call_nowait(lambda engine: self._abort(engine, request_id))
 
-    def _abort(self, engine: LLMEngine, request_id: str) -> bool:
+    async def hand_off(self, request_id: str, reason: str) -> bool:
+        """Drop the request here and end its stream with RequestMoved(reason): it continues on
+        another worker (a role switch moving its sequences). True when the request was known."""
+        return await self.call(lambda engine: self._abort(engine, request_id, RequestMoved(reason)))
+
+    def _abort(self, engine: LLMEngine, request_id: str, exc: BaseException | None = None) -> bool:
         known = request_id in engine.children or request_id in engine.requests
         engine.abort(request_id)
         sink = self._sinks.pop(request_id, None)
         if sink is not None:
-            sink.put(asyncio.CancelledError(f"request {request_id} aborted"))
+            sink.put(exc if exc is not None else asyncio.CancelledError(f"request {request_id} aborted"))
         return known
 
     def stop(self, timeout: float = 10.0) -> bool:

@@ -69,7 +69,9 @@ class WorkerRuntime:
         self.roles = RoleMachine(self.worker_id, spec.role, time.time())
         self.admission = Admission(self.roles)
         self.switcher = RoleSwitcher(self.admission, publish=self._publish_phase, write_role=self._write_role,
-                                     restore=self._restore_registration, default_drain_s=spec.drain_timeout_seconds)
+                                     restore=self._restore_registration,
+                                     hand_off=lambda rid, why: self.loop.hand_off(rid, why),
+                                     default_drain_s=spec.drain_timeout_seconds)
         self.ep_size = spec.engine.expert_parallel_size
         self.ep_pids: list[int] = []
         self.started_ts = time.time()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from cluster.worker.convert import output_to_chunk, params_from_pb
-from cluster.worker.engine_loop import EngineDead
+from cluster.worker.engine_loop import EngineDead, RequestMoved
 from cluster.worker.roles import Kind, SwitchRefused
 from engine.sampling_params import SamplingParams
 from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
@@ -42,7 +42,6 @@ _REFUSED_CODE = {
     "busy": grpc.StatusCode.ABORTED,
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "unimplemented": grpc.StatusCode.UNIMPLEMENTED,
 }
 
 
@@ -68,7 +67,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     # ----- prefill -----
     async def Prefill(self, request: worker_pb2.GenerateRequest, context) -> worker_pb2.PrefillResponse:
         await self._admit(context, request.epoch, "prefill")
-        with self.rt.admission.holding("prefill"):
+        with self.rt.admission.holding("prefill", request.request_id):
             return await self._prefill(request, context)
 
     async def _prefill(self, request: worker_pb2.GenerateRequest, context) -> worker_pb2.PrefillResponse:
@@ -108,7 +107,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     # ----- decode -----
     async def Decode(self, request: worker_pb2.DecodeRequest, context) -> AsyncIterator[worker_pb2.TokenChunk]:
         await self._admit(context, request.request.epoch, "decode")
-        with self.rt.admission.holding("decode"):
+        with self.rt.admission.holding("decode", request.request.request_id):
             # aclosing: a client that goes away must run _decode's cleanup now, not at garbage collection.
             async with contextlib.aclosing(self._decode(request, context)) as chunks:
                 try:
@@ -116,11 +115,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         yield chunk
                 except EngineDead as exc:
                     await self._unavailable(context, exc)
+                except RequestMoved as exc:  # a role switch handed it away: the router resumes it
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def _decode(self, request: worker_pb2.DecodeRequest, context) -> AsyncIterator[worker_pb2.TokenChunk]:
         g = request.request
         params = await self._params(context, g)
         rt, rid, handle = self.rt, g.request_id, request.handle
+        if g.resume_token_ids and not request.HasField("handle"):
+            async with contextlib.aclosing(self._resume(context, g, params)) as resumed:
+                async for chunk in resumed:
+                    yield chunk
+            return
         if handle.layout_hash != rt.layout.hash():
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"KV layout mismatch: the prefill worker's hash is {handle.layout_hash}, this worker "
@@ -173,18 +179,38 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             chunk.num_prompt_tokens = len(prompt)
             yield chunk
 
+    async def _resume(self, context, g: worker_pb2.GenerateRequest,
+                      params: SamplingParams) -> AsyncIterator[worker_pb2.TokenChunk]:
+        """Continue a request another worker was streaming: recompute prompt + generated tokens here."""
+        self.rt.kv_counters.resumed_total += 1
+        prompt = list(g.prompt_token_ids)
+        try:
+            outs = self.rt.loop.generate(g.request_id, prompt, params, resume=list(g.resume_token_ids))
+            async with contextlib.aclosing(outs):
+                async for out in outs:
+                    chunk = output_to_chunk(out, params.logprobs)
+                    chunk.num_prompt_tokens = len(prompt)
+                    yield chunk
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
     # ----- colocated -----
     async def Generate(self, request: worker_pb2.GenerateRequest, context) -> AsyncIterator[worker_pb2.TokenChunk]:
         await self._admit(context, request.epoch, "generate")
-        with self.rt.admission.holding("generate"):
+        with self.rt.admission.holding("generate", request.request_id):
             params = await self._params(context, request)
+            if request.resume_token_ids:
+                self.rt.kv_counters.resumed_total += 1
             try:
-                async for out in self.rt.loop.generate(request.request_id, list(request.prompt_token_ids), params):
+                async for out in self.rt.loop.generate(request.request_id, list(request.prompt_token_ids), params,
+                                                       resume=list(request.resume_token_ids)):
                     yield output_to_chunk(out, params.logprobs)
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except EngineDead as exc:
                 await self._unavailable(context, exc)
+            except RequestMoved as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def _unavailable(self, ctx: grpc.aio.ServicerContext, exc: EngineDead) -> None:
         await ctx.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.rt.worker_id}: {exc}")

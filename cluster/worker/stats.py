@@ -31,4 +31,5 @@ def stats_response(worker_id: str, role: int, epoch: int, s: EngineStats, kv=Non
         msg.kv_recompute_total = kv.recompute_total
         msg.kv_blocks_skipped_total = kv.blocks_skipped_total
         msg.kv_blocks_served_total = kv.blocks_served_total
+        msg.requests_resumed_total = kv.resumed_total
     return msg

@@ -18,7 +18,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from cluster.worker.admission import Admission
-from cluster.worker.roles import KINDS_OF, SwitchRefused
+from cluster.worker.roles import SwitchRefused
+
+# Kinds whose requests stream tokens after admission: what a migrating switch hands away (a
+# Prefill call ends at its first token, so it is simply waited for).
+STREAMING_KINDS = frozenset({"decode", "generate"})
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +32,18 @@ ROLLBACK_ATTEMPTS = 3
 class RoleSwitcher:
     def __init__(self, admission: Admission, *, publish: Callable[[], Awaitable[None]],
                  write_role: Callable[[str, int], Awaitable[bool]], restore: Callable[[], Awaitable[None]],
-                 default_drain_s: float) -> None:
+                 hand_off: Callable[[str, str], Awaitable[bool]], default_drain_s: float) -> None:
         """`publish` heartbeats the current phase; `write_role(role, epoch)` records a flip in the
-        registry (False when refused); `restore` re-registers the worker as it is now."""
+        registry (False when refused); `restore` re-registers the worker as it is now;
+        `hand_off(request_id, reason)` ends a running request's stream here so that the router
+        resumes it on another worker."""
         self.admission = admission
         self._publish = publish
         self._write_role = write_role
         self._restore = restore
+        self._hand_off = hand_off
         self.default_drain_s = default_drain_s
+        self.migrated_total = 0
         self._task: asyncio.Task | None = None
 
     @property
@@ -46,20 +54,16 @@ class RoleSwitcher:
                       migrate: bool = False, wait: bool = False) -> bool:
         """Start a switch (and with `wait`, see it end). False: `target` is the current role.
 
-        Raises SwitchRefused when it cannot start (code stale_epoch, busy, invalid, unavailable or
-        unimplemented)."""
+        Raises SwitchRefused when it cannot start (code stale_epoch, busy, invalid or unavailable).
+        `migrate`: hand running decode/generate streams back to the router (which resumes them on
+        other workers) instead of waiting for them."""
         m = self.roles
-        if migrate and "decode" in KINDS_OF[m.role] - KINDS_OF.get(target, frozenset()):
-            # Checked before fencing, so a refused request changes nothing.
-            raise SwitchRefused("unimplemented",
-                                "live migration of running decode sequences is not built yet; switch with "
-                                "migrate=false to let them finish (drain) first")
         if not m.begin(target, expected_epoch, time.time()):
             return False
         drain_s = drain_timeout_s if drain_timeout_s > 0 else self.default_drain_s
-        logger.info("worker %s: switching %s -> %s (epoch %d, drain up to %.1fs)", m.worker_id, m.role, target,
-                    m.epoch, drain_s)
-        self._task = asyncio.create_task(self._run(drain_s))
+        logger.info("worker %s: switching %s -> %s (epoch %d, %s up to %.1fs)", m.worker_id, m.role, target,
+                    m.epoch, "migrate, then drain" if migrate else "drain", drain_s)
+        self._task = asyncio.create_task(self._run(drain_s, migrate))
         if wait:
             await asyncio.shield(self._task)
         return True
@@ -73,16 +77,25 @@ class RoleSwitcher:
         if self._task is not None:
             self._task.cancel()
 
-    async def _run(self, drain_s: float) -> None:
+    async def _run(self, drain_s: float, migrate: bool) -> None:
         m = self.roles
         old = m.role
         try:
             await self._publish()  # routers stop picking this worker before anything waits
             lost = m.lost_kinds()
+            streams = self.admission.running(lost & STREAMING_KINDS) if migrate else []
+            if streams:
+                m.enter("migrating", time.time())
+                await self._publish()
+                reason = f"worker {m.worker_id} is switching from {old} to {m.target_role}: the request moves"
+                for rid in streams:
+                    self.migrated_total += await self._hand_off(rid, reason)
+                logger.info("worker %s: handed %d running request(s) to other workers", m.worker_id, len(streams))
             busy = self.admission.inflight(lost)
             if busy:
-                m.enter("draining", time.time())
-                await self._publish()
+                if m.phase == "fenced":
+                    m.enter("draining", time.time())
+                    await self._publish()
                 if not await self.admission.wait_idle(lost, drain_s):
                     left = self.admission.inflight(lost)
                     raise _StepFailed(f"drain timed out after {drain_s:g}s with {left} "

@@ -91,7 +91,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
             token = int(row.argmax())
         else:
             probs = _filter(row, req).softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=req.generator))
+            token = int(torch.multinomial(probs, 1, generator=req.step_generator()))
         lp = _logprobs(raw, token, req.params.logprobs) if req.params.logprobs is not None else None
         results[i] = SampleResult(token, lp)
     return results  # type: ignore[return-value]

@@ -255,9 +255,10 @@ def _drain(stream) -> tuple[str, float]:
 
 
 def test_killed_rank_fails_fast_and_the_other_worker_keeps_serving(clusters, redis_server):
-    """SIGKILL rank 1 of the EP=2 mixed worker while it streams: that stream ends with an error
-    naming the rank (no hang), the worker reports unhealthy and leaves the registry, the other
-    worker's stream is untouched and the next requests go there."""
+    """SIGKILL rank 1 of the EP=2 mixed worker while it streams: its streams fail over at once (the
+    worker answers UNAVAILABLE naming the rank) and the router resumes them on the other worker,
+    so every client stream finishes; the worker reports unhealthy and leaves the registry, the
+    other worker's own streams are untouched and the next requests go there."""
     from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
     session = clusters["mixed"]
@@ -281,15 +282,12 @@ def test_killed_rank_fails_fast_and_the_other_worker_keeps_serving(clusters, red
         time.sleep(1.2)  # let a heartbeat report the load
     assert running[ep["worker_id"]] >= 1 and running[other["worker_id"]] >= 1, running
     on_ep = running[ep["worker_id"]]
+    resumed_before = _stats(session, other).requests_resumed_total
     os.kill(rank_pid, signal.SIGKILL)
-    killed = time.monotonic()
     with ThreadPoolExecutor(len(streams)) as pool:
         results = list(pool.map(_drain, streams))
-    failed = [(r, t) for r, t in results if r != "ok"]
-    assert len(failed) == on_ep, results  # the EP=1 worker's streams finished normally
-    for error, ended in failed:
-        assert ended - killed < 20, f"a stream on the failed worker took {ended - killed:.1f}s to end"
-        assert "rank 1" in error, error
+    assert [r for r, _ in results if r != "ok"] == [], results  # resumed, not failed
+    assert _stats(session, other).requests_resumed_total - resumed_before == on_ep
 
     health = _health(ep)
     assert not health.ready and "rank 1" in health.message, health

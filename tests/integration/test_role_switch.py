@@ -70,6 +70,18 @@ def decode_ids(session) -> list[str]:
     return sorted(w["worker_id"] for w in session.workers if w["role"] == "decode")
 
 
+def busy_decoder(session, timeout: float = 60.0) -> str:
+    """The decode worker that runs a request now (the test's one long stream)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = {k.split(":", 1)[1]: s.num_requests_running for k, s in worker_stats(session).items()}
+        busy = next((wid for wid in decode_ids(session) if running.get(wid)), None)
+        if busy is not None:
+            return busy
+        time.sleep(0.05)
+    raise AssertionError("the long stream never reached a decode worker")
+
+
 def test_admin_api_lists_workers_and_only_opens_to_the_admin_key(session):
     data = workers(session)
     assert len(data) == 3
@@ -97,8 +109,6 @@ def test_bad_switch_requests_are_refused_and_change_nothing(session):
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     extra = admin(session, "POST", f"/workers/{wid}/role", json={"role": "prefill", "bogus": 1})
     assert extra.status_code == 400
-    migrate = admin(session, "POST", f"/workers/{wid}/role", json={"role": "prefill", "migrate": True})
-    assert migrate.status_code == 501 and "migration" in migrate.json()["error"]["message"]
     same = admin(session, "POST", f"/workers/{wid}/role", json={"role": "decode", "expected_epoch": before["epoch"]})
     assert same.status_code == 200 and same.json()["epoch"] == before["epoch"]
     after = workers(session)[wid]
@@ -147,13 +157,7 @@ def test_drain_timeout_rolls_back_and_the_long_stream_is_untouched(session):
             return usage[-1].completion_tokens
 
         fut = pool.submit(long_stream)
-        deadline = time.monotonic() + 60
-        busy = None
-        while busy is None and time.monotonic() < deadline:
-            running = {k.split(":", 1)[1]: s.num_requests_running for k, s in worker_stats(session).items()}
-            busy = next((wid for wid in decode_ids(session) if running.get(wid)), None)
-            time.sleep(0.1)
-        assert busy is not None, "the long stream never reached a decode worker"
+        busy = busy_decoder(session)
         epoch = workers(session)[busy]["epoch"]
         resp = admin(session, "POST", f"/workers/{busy}/role", json={"role": "prefill", "drain_timeout_s": 1.0})
         assert resp.status_code == 202, resp.text
@@ -164,6 +168,40 @@ def test_drain_timeout_rolls_back_and_the_long_stream_is_untouched(session):
         assert "drain timed out" in w["reason"] and w["role_rollbacks_total"] >= 1
         assert "rolling_back" in [e["phase"] for e in w["history"]]
         assert fut.result(timeout=300) == 400  # every token, no error
+    assert worker_leaks(session) == []
+
+
+def test_migrating_switch_hands_running_streams_over_without_a_visible_seam(session):
+    """migrate=true: the decode worker does not wait for its 300-token stream; the router resumes
+    it on the other decode worker, and the client's text equals an uninterrupted run's."""
+    client = openai.OpenAI(base_url=f"{session.url}/v1", api_key=KEY, max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+    body = dict(model=model, prompt="Write a long story about a knight.", max_tokens=300, temperature=0,
+                extra_body={"ignore_eos": True})
+    reference = client.completions.create(**body).choices[0].text
+
+    def resumed_totals() -> dict[str, int]:
+        return {k.split(":", 1)[1]: s.requests_resumed_total for k, s in worker_stats(session).items()}
+
+    before = resumed_totals()
+    stream = iter(client.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    pieces = [next(stream)]
+    busy = busy_decoder(session)
+    epoch = workers(session)[busy]["epoch"]
+    resp = admin(session, "POST", f"/workers/{busy}/role",
+                 json={"role": "prefill", "expected_epoch": epoch, "migrate": True, "drain_timeout_s": 5})
+    assert resp.status_code == 202, resp.text
+    w = wait_phase_ready(session, busy, timeout=30)
+    assert (w["role"], w["epoch"]) == ("prefill", epoch + 1), w  # no drain timeout: the stream moved
+    assert "migrating" in [e["phase"] for e in w["history"]]
+    pieces += list(stream)
+    assert "".join(c.choices[0].text for c in pieces if c.choices) == reference
+    assert pieces[-1].usage.completion_tokens == 300
+    after = resumed_totals()
+    (other,) = [wid for wid in decode_ids(session) if wid != busy]
+    assert after[other] - before[other] == 1
+    back = admin(session, "POST", f"/workers/{busy}/role", json={"role": "decode", "expected_epoch": epoch + 1})
+    assert back.status_code == 202 and wait_phase_ready(session, busy)["role"] == "decode"
     assert worker_leaks(session) == []
 
 

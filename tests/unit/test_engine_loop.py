@@ -143,8 +143,10 @@ def test_a_slow_consumer_gets_the_piled_up_tokens_in_one_message(loop_of):
 
     async def main():
         stream = loop.generate("slow", PROMPTS[2], params)
+        # Usually one token; more when the engine outran this task to the first read (the
+        # snapshots already queued then go out together: nothing waited for them).
         first = await stream.__anext__()
-        assert len(first.outputs[0].new_token_ids) == 1
+        assert len(first.outputs[0].new_token_ids) >= 1
         # Busy until the engine has finished the request: everything else is queued by then.
         while await loop.call(lambda e: e.has_unfinished_requests()):
             await asyncio.sleep(0.01)
@@ -152,7 +154,8 @@ def test_a_slow_consumer_gets_the_piled_up_tokens_in_one_message(loop_of):
         return first, rest
 
     first, rest = asyncio.run(main())
-    assert len(rest) == 1 and rest[0].finished
-    deltas = list(first.outputs[0].new_token_ids) + list(rest[0].outputs[0].new_token_ids)
-    assert deltas == list(rest[0].outputs[0].token_ids) and len(deltas) == 20
-    assert first.outputs[0].new_text + rest[0].outputs[0].new_text == rest[0].outputs[0].text
+    msgs = [first, *rest]
+    assert len(rest) <= 1 and msgs[-1].finished  # all that piled up came as one message
+    deltas = [t for m in msgs for t in m.outputs[0].new_token_ids]
+    assert deltas == list(msgs[-1].outputs[0].token_ids) and len(deltas) == 20
+    assert "".join(m.outputs[0].new_text for m in msgs) == msgs[-1].outputs[0].text

@@ -206,6 +206,7 @@ class _Stub:
         self.call, self.aborted = call, []
 
     def Generate(self, request):
+        self.requests = getattr(self, "requests", []) + [request]
         return self.call
 
     async def Abort(self, request, timeout=None):
@@ -224,6 +225,8 @@ def _backend(calls: dict[str, _Call]):
 
     backend = ClusterBackend.__new__(ClusterBackend)
     backend.store, backend.block_size, backend._bg = _Store(), 16, set()
+    backend.max_reroutes, backend.reroute_wait_s, backend.max_resumes = 16, 0.0, 2
+    backend.reroutes_total = backend.resumes_total = 0
     backend.pool = WorkerPool(store=None)  # type: ignore[arg-type]
     for wid, call in calls.items():
         info = WorkerInfo(worker_id=wid, address=wid, role="mixed", epoch=1, model="m", layout_hash="h",
@@ -252,21 +255,38 @@ def test_mixed_request_that_failed_before_any_token_is_retried_on_another_worker
     assert failing.cancelled
 
 
-def test_mixed_request_that_already_streamed_is_not_retried():
+def test_mixed_request_that_already_streamed_is_resumed_from_its_tokens():
+    """A worker failing after streaming is not restarted elsewhere (the client has tokens): the
+    other worker resumes from them; a second failure mid-stream resumes again, up to the bound."""
     from cluster.errors import WorkerError
 
     first = worker_pb2.TokenChunk(token_ids=[5])
-    backend = _backend({"a-dead": _Call([first], grpc.StatusCode.UNAVAILABLE),
-                        "b-ok": _Call([worker_pb2.TokenChunk(token_ids=[6], finish_reason=1)])})
+    last = worker_pb2.TokenChunk(token_ids=[6], finish_reason=1)
+    backend = _backend({"a-dead": _Call([first], grpc.StatusCode.UNAVAILABLE), "b-ok": _Call([last])})
+
+    async def run(b):
+        got = []
+        async for c in b._colocated(_request()):
+            got.append(c)
+        return got
+
+    assert asyncio.run(run(backend)) == [first, last]
+    (resumed,) = backend.pool.conns["b-ok"].stub.requests
+    assert list(resumed.resume_token_ids) == [5] and backend.resumes_total == 1
+
+    # Every worker fails mid-stream: resumed max_resumes times, then the error reaches the caller.
+    dying = {f"w{i}": _Call([worker_pb2.TokenChunk(token_ids=[10 + i])], grpc.StatusCode.UNAVAILABLE)
+             for i in range(4)}
+    backend = _backend(dying)
+    got = []
 
     async def main():
-        got = []
         with pytest.raises(WorkerError, match="rank 1"):
             async for c in backend._colocated(_request()):
                 got.append(c)
-        return got
 
-    assert asyncio.run(main()) == [first]
+    asyncio.run(main())
+    assert len(got) == 3 and backend.resumes_total == 2
 
 
 def test_a_worker_leaving_the_registry_keeps_its_channel_while_calls_are_in_flight():

@@ -67,16 +67,18 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., skip_special_tokens: _Optional[bool] = ..., include_stop_str_in_output: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "epoch")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "epoch", "resume_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: SamplingParams
     epoch: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., epoch: _Optional[int] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -201,7 +203,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "role", "epoch", "num_requests_running", "num_requests_waiting", "num_holding_kv", "num_waiting_for_kv", "num_free_blocks", "num_blocks", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_total", "generation_tokens_total", "num_preemptions", "queued_prefill_tokens", "kv_transfers_total", "kv_transfer_bytes_total", "kv_transfer_seconds_total", "kv_transfer_failures_total", "kv_lease_expired_total", "kv_recompute_total", "kv_blocks_skipped_total", "kv_blocks_served_total", "num_active_leases", "role_switches_total", "expert_parallel_size", "expert_load")
+    __slots__ = ("worker_id", "role", "epoch", "num_requests_running", "num_requests_waiting", "num_holding_kv", "num_waiting_for_kv", "num_free_blocks", "num_blocks", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_total", "generation_tokens_total", "num_preemptions", "queued_prefill_tokens", "kv_transfers_total", "kv_transfer_bytes_total", "kv_transfer_seconds_total", "kv_transfer_failures_total", "kv_lease_expired_total", "kv_recompute_total", "kv_blocks_skipped_total", "kv_blocks_served_total", "num_active_leases", "role_switches_total", "expert_parallel_size", "expert_load", "requests_resumed_total")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +231,7 @@ class StatsResponse(_message.Message):
     ROLE_SWITCHES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     EXPERT_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_RESUMED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     epoch: int
@@ -256,7 +259,8 @@ class StatsResponse(_message.Message):
     role_switches_total: int
     expert_parallel_size: int
     expert_load: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_holding_kv: _Optional[int] = ..., num_waiting_for_kv: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfer_failures_total: _Optional[int] = ..., kv_lease_expired_total: _Optional[int] = ..., kv_recompute_total: _Optional[int] = ..., kv_blocks_skipped_total: _Optional[int] = ..., kv_blocks_served_total: _Optional[int] = ..., num_active_leases: _Optional[int] = ..., role_switches_total: _Optional[int] = ..., expert_parallel_size: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ...) -> None: ...
+    requests_resumed_total: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_holding_kv: _Optional[int] = ..., num_waiting_for_kv: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfer_failures_total: _Optional[int] = ..., kv_lease_expired_total: _Optional[int] = ..., kv_recompute_total: _Optional[int] = ..., kv_blocks_skipped_total: _Optional[int] = ..., kv_blocks_served_total: _Optional[int] = ..., num_active_leases: _Optional[int] = ..., role_switches_total: _Optional[int] = ..., expert_parallel_size: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., requests_resumed_total: _Optional[int] = ...) -> None: ...
 
 class ExpertLoad(_message.Message):
     __slots__ = ("layer", "tokens")
