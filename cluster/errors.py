@@ -74,9 +74,3 @@ class ConflictError(PdserveError):
     status = 409
     type = "invalid_request_error"
     code = "conflict"
-
-
-class NotImplementedFeatureError(PdserveError):
-    status = 501
-    type = "invalid_request_error"
-    code = "not_implemented"

@@ -21,8 +21,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from cluster.errors import (ConflictError, InvalidRequestError, NoWorkerError, NotFoundError,
-                            NotImplementedFeatureError, PdserveError, WorkerError)
+from cluster.errors import ConflictError, InvalidRequestError, NoWorkerError, NotFoundError, PdserveError, WorkerError
 from cluster.router.pool import WorkerConn, WorkerPool
 from pdserve.v1 import worker_pb2
 
@@ -52,8 +51,6 @@ def _error_for(exc: grpc.aio.AioRpcError, worker_id: str) -> PdserveError:
                              else "switch_in_progress")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidRequestError(detail)
-    if code == grpc.StatusCode.UNIMPLEMENTED:
-        return NotImplementedFeatureError(detail)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return NoWorkerError(f"worker {worker_id} is unavailable: {detail}", code="worker_unavailable")
     return WorkerError(f"worker {worker_id}: {code.name}: {detail}")

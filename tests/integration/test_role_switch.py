@@ -120,7 +120,7 @@ def test_switch_while_streams_run_keeps_every_answer_and_bumps_the_epoch(session
     start = workers(session)[wid]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(chat, session, q) for q in QUESTIONS * 2]
-        time.sleep(0.3)  # some streams are running (on either decode worker) when the switch lands
+        busy_decoder(session)  # streams are running (on either decode worker) when the switch lands
         resp = admin(session, "POST", f"/workers/{wid}/role",
                      json={"role": "prefill", "expected_epoch": start["epoch"], "drain_timeout_s": 60})
         assert resp.status_code == 202, resp.text
