@@ -1,7 +1,7 @@
 """Linear layer that picks the fast matmul for bf16 weights on the CPU at hand.
 
-Decode batches (up to `gemv_max_rows()` rows) go through the kernels' packed bf16 GEMV, which
-streams each weight once per call. Larger matmuls on CPUs without native bf16 arithmetic (AVX2
+Decode batches (up to `gemv_max_rows()` rows; on AMX hosts prefill chunks too) go through the
+kernels' packed bf16 linear, which streams each weight once per call. Larger matmuls on CPUs without native bf16 arithmetic (AVX2
 only, no AVX-512 BF16 / AMX), where oneDNN emulates bf16 (a 32-row 576->1536 bf16 matmul ~4.9 ms
 against ~1.7 ms in float32, benchmarks/quant_linear.py), run in float32 on a copy of the weight
 made on first use (upcasting per call cost as much as the matmul). Numerically this is the bf16
@@ -50,29 +50,24 @@ def float32_copy(owner: torch.nn.Module, name: str, weight: torch.Tensor) -> tor
 
 
 @functools.cache
-def cpu_has_amx() -> bool:
-    """AMX tiles (Sapphire Rapids and later): oneDNN's bf16 GEMM there is what the GEMV competes with."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " amx_bf16" in f.read()
-    except OSError:
-        return False
-
-
-@functools.cache
 def gemv_max_rows() -> int:
-    """Most rows for which the kernels' packed GEMV beats torch's bf16 matmul here (measured in
-    whole decode steps with `pdserve bench-engine`; `PDSERVE_GEMV_MAX_ROWS` overrides): it streams
-    each weight once with no per-call re-layout, but its compute grows with the rows, while
-    oneDNN's GEMM (AMX where present) costs about the same from 1 to ~32 rows."""
+    """Most rows for which the kernels' packed linear beats torch's bf16 matmul here (measured per
+    op with benchmarks/packed_linear.py and in whole decode steps with `pdserve bench-engine`;
+    `PDSERVE_GEMV_MAX_ROWS` overrides). It streams each weight once with no per-call re-layout;
+    on AMX its tiles do 16 rows x 32 k per instruction, so it wins through prefill-sized chunks
+    (512 rows), while the AVX-512 and AVX2 dot products grow in cost with every row."""
     env = os.environ.get("PDSERVE_GEMV_MAX_ROWS")
     if env:
         return int(env)
-    if cpu_has_amx():
-        return 24
+    ops = cpu_ops()
+    isa = ops.isa() if ops is not None else ""
+    if isa == "amx_bf16":
+        return 512
+    if isa == "avx512_bf16":
+        return 16  # beyond it oneDNN's bf16 GEMM costs about the same from 1 to ~32 rows
     # Without bf16 units the alternative is oneDNN on the float32 copy, which streams twice the
     # bytes: whole decode steps on an AVX2 host were 3x faster at batch 8 and 2x at 32 this way.
-    return 16 if cpu_has_native_bf16() else 32
+    return 32
 
 
 def packed_copy(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:

@@ -30,8 +30,8 @@ def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17, 33])
-@pytest.mark.parametrize("n,k", [(16, 2), (37, 64), (130, 576), (33, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17, 33, 100])
+@pytest.mark.parametrize("n,k", [(16, 2), (37, 64), (40, 48), (130, 576), (33, 1536)])
 def test_linear_packed(rows, n, k):
     from engine.kernels.packing import pack_bf16
 
@@ -193,15 +193,24 @@ def test_engine_same_tokens_with_and_without_kernels(arch, tiny_checkpoint, make
     assert fast == plain
 
 
-def test_the_avx2_paths_pass_too():
-    """The kernels pick their ISA at load; PDSERVE_KERNEL_ISA=avx2 selects the AVX2 paths, so
-    every kernel's AVX2 code (what AVX2-only hosts run) is checked here on any host."""
+def _host_has_avx512_bf16() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return " avx512_bf16" in f.read()
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512_bf16"])
+def test_the_lower_tiers_pass_too(isa):
+    """The kernels pick their ISA at load; PDSERVE_KERNEL_ISA selects a lower tier's paths, so
+    the AVX2 code (what AVX2-only hosts run) and the AVX-512 BF16 GEMV (what hosts without AMX
+    run) are checked here on any host that has them."""
+    if isa == "avx512_bf16" and not _host_has_avx512_bf16():
+        pytest.skip("this CPU has no AVX-512 BF16: that tier cannot run here")
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PDSERVE_KERNEL_ISA": "avx2"}
+    env = {**os.environ, "PDSERVE_KERNEL_ISA": isa}
     check = subprocess.run([sys.executable, "-c", "from engine.kernels import cpu_ops; print(cpu_ops().isa())"],
                            cwd=root, env=env, capture_output=True, text=True, check=True)
-    assert check.stdout.split()[-1] == "avx2"
+    assert check.stdout.split()[-1] == isa
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "not avx2_paths and not engine_same_tokens"],
+                          "not lower_tiers and not engine_same_tokens"],
                          cwd=root, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

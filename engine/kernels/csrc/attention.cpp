@@ -196,7 +196,7 @@ bool attn_group_fast(const T*, float, const T* const*, const T* const*, int64_t,
 template <>
 bool attn_group_fast<bf16>(const bf16* qh, float scale, const bf16* const* k_rows, const bf16* const* v_rows,
                            int64_t G, int64_t L, int64_t Lp, int64_t D, float* sc, float* acc, float* pbuf) {
-  if (kIsa != Isa::kAvx512Bf16 || D % 32 != 0) return false;
+  if (!has_avx512bf16() || D % 32 != 0) return false;
   switch (G) {
     case 1: attn_group_bf16_avx512<1>(qh, scale, k_rows, v_rows, L, Lp, D, sc, acc, pbuf); return true;
     case 2: attn_group_bf16_avx512<2>(qh, scale, k_rows, v_rows, L, Lp, D, sc, acc, pbuf); return true;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #define PDS_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define PDS_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 
 namespace pdk {
@@ -95,8 +96,29 @@ inline float exp1(float x) {
 }
 
 
-enum class Isa { kAvx2, kAvx512Bf16 };
+// Ordered: each tier has everything the one before it has (AMX hosts run the AVX-512 BF16 paths
+// of every kernel but the GEMV).
+enum class Isa { kAvx2 = 0, kAvx512Bf16 = 1, kAmx = 2 };
 extern const Isa kIsa;  // detected once at load (gemv.cpp)
+
+inline bool has_avx512bf16() { return kIsa >= Isa::kAvx512Bf16; }
+
+// y[b, n] = x[b, :] . w[n, :] + bias[n] over weights packed as [N/16][K/2][16][2] bf16.
+struct PackedArgs {
+  const bf16* x;
+  int64_t ldx;
+  int64_t B;
+  const bf16* w;  // packed
+  int64_t K;      // even
+  int64_t N;
+  const float* bias;
+  bf16* y;
+  int64_t ldy;
+};
+
+// The AMX tile path (gemm_amx.cpp) over N-tiles [t0, t1) for every row; K % 32 == 0.
+void amx_packed_range(const PackedArgs& a, int64_t t0, int64_t t1);
+bool amx_usable();  // the CPU has AMX-BF16 and the kernel granted this process the tile state
 
 inline void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");

@@ -5,8 +5,8 @@
 
 namespace pdk {
 
-// PDSERVE_KERNEL_ISA=avx2 selects the AVX2 paths on a host that has more, so that they are
-// tested (and can be compared) there; nothing selects more than the CPU has.
+// PDSERVE_KERNEL_ISA=avx2 (or avx512_bf16) selects the lower tier's paths on a host that has
+// more, so that they are tested (and can be compared) there; nothing selects more than the CPU has.
 static Isa detect_isa() {
   __builtin_cpu_init();
   const bool bf16 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -14,7 +14,9 @@ static Isa detect_isa() {
                     __builtin_cpu_supports("avx512bf16");
   const char* cap = std::getenv("PDSERVE_KERNEL_ISA");
   if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return Isa::kAvx2;
-  return bf16 ? Isa::kAvx512Bf16 : Isa::kAvx2;
+  if (!bf16) return Isa::kAvx2;
+  if (cap != nullptr && std::strcmp(cap, "avx512_bf16") == 0) return Isa::kAvx512Bf16;
+  return amx_usable() ? Isa::kAmx : Isa::kAvx512Bf16;
 }
 
 const Isa kIsa = detect_isa();
@@ -30,17 +32,6 @@ constexpr int64_t kPrefetchAhead = 16 * 32;
 // w[16t + i][2p + j] at [t][p][i][j]. One 64-byte load is 16 output rows x 2 k, which a BF16
 // dot product (or two shifts and FMAs on AVX2) adds into 16 row accumulators at once: no
 // horizontal sums, and each tile is one sequential stream of K * 32 bytes.
-struct PackedArgs {
-  const bf16* x;
-  int64_t ldx;
-  int64_t B;
-  const bf16* w;  // packed
-  int64_t K;      // even
-  int64_t N;
-  const float* bias;
-  bf16* y;
-  int64_t ldy;
-};
 
 template <int NB>
 PDS_AVX512BF16 void packed_tiles_avx512bf16(const PackedArgs& a, int64_t t0, int64_t t1, int64_t b0) {
@@ -124,7 +115,9 @@ void packed_tiles_avx2(const PackedArgs& a, const float* xf, int64_t t0, int64_t
 // Tiles outermost, row blocks inside: a tile (K * 32 bytes, at most ~100 KB) comes from memory
 // once and serves every block of rows from cache, so more rows cost compute, not bandwidth.
 void packed_range(const PackedArgs& a, const float* xf, int64_t t0, int64_t t1) {
-  if (kIsa == Isa::kAvx512Bf16) {
+  if (kIsa == Isa::kAmx && a.K % 32 == 0) {
+    amx_packed_range(a, t0, t1);
+  } else if (has_avx512bf16()) {
     for (int64_t t = t0; t < t1; t += 2) {
       const int64_t te = std::min<int64_t>(t + 2, t1);
       int64_t b = 0;
@@ -180,7 +173,7 @@ torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int6
   PackedArgs a{reinterpret_cast<const bf16*>(x.data_ptr()), x.stride(0), B, reinterpret_cast<const bf16*>(w.data_ptr()),
                K, n, b32.defined() ? b32.data_ptr<float>() : nullptr, reinterpret_cast<bf16*>(y.data_ptr()), n};
   torch::Tensor xf;
-  if (kIsa != Isa::kAvx512Bf16) xf = x.to(at::kFloat).contiguous();  // [B, K]: small next to the weights
+  if (!has_avx512bf16()) xf = x.to(at::kFloat).contiguous();  // [B, K]: small next to the weights
   const float* xfp = xf.defined() ? xf.data_ptr<float>() : nullptr;
   const int64_t tiles = w.size(0);
   const int64_t grain = std::max<int64_t>(2, 32768 / std::max<int64_t>(K * 32, 1) * 2);
@@ -195,6 +188,7 @@ torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int6
 
 std::string isa_name() {
   switch (kIsa) {
+    case Isa::kAmx: return "amx_bf16";
     case Isa::kAvx512Bf16: return "avx512_bf16";
     default: return "avx2";
   }
