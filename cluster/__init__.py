@@ -1,1 +1,1 @@
-"""pdserve cluster layer: CLI now; workers, KV transport, router, planner and state later."""
+"""pdserve cluster layer: CLI and launcher, workers, KV transport, router, planner and cluster state."""

@@ -96,8 +96,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         roles = f"{config.mixed} mixed" if config.mixed else f"{config.prefill} prefill + {config.decode} decode"
         eps = sorted({w["expert_parallel_size"] for w in session.workers})
         ep = f", expert-parallel size {'/'.join(map(str, eps))}" if eps != [1] else ""
+        planner = ", planner on" if config.planner.enabled else ""
         print(f"pdserve: serving {config.engine.model or 'the default model'} ({roles}{ep}, KV over "
-              f"{config.kv_transport}) at {url}/v1", flush=True)
+              f"{config.kv_transport}{planner}) at {url}/v1", flush=True)
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
@@ -136,13 +137,16 @@ def _serve_config(args: argparse.Namespace):
     if args.mixed and args.prefill is None and args.decode is None:
         fields["prefill"] = fields["decode"] = 0
     fields = {k: v for k, v in fields.items() if v is not None}
+    planner = {k: v for k, v in (("enabled", True if args.planner else None), ("slo_ttft_ms", args.slo_ttft_ms),
+                                 ("slo_itl_ms", args.slo_itl_ms)) if v is not None}
     if args.config:
         base = ClusterConfig.from_yaml(args.config)
         data = base.model_dump()
         data["engine"] = {**data["engine"], **engine}
+        data["planner"] = {**data["planner"], **planner}
         data.update(fields)
         return ClusterConfig.model_validate(data)
-    return ClusterConfig(engine=EngineArgs(**engine), **fields)
+    return ClusterConfig(engine=EngineArgs(**engine), planner=planner, **fields)
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -164,6 +168,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                         "$PDSERVE_ADMIN_API_KEY, comma separated; none = the admin API is off)")
     p.add_argument("--drain-timeout", type=float, default=None, dest="drain_timeout_seconds",
                    help="role switch: seconds a worker waits for its old role's in-flight work (default 60)")
+    p.add_argument("--planner", action="store_true",
+                   help="switch worker roles as the traffic mix changes (the SLA planner; more settings "
+                        "under `planner:` in --config)")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="planner: time-to-first-token target (p90)")
+    p.add_argument("--slo-itl-ms", type=float, default=None, help="planner: inter-token latency target (p90)")
     p.add_argument("--rate-limit-per-minute", type=int, default=None, help="requests per minute per API key")
     p.add_argument("--reasoning-parser", choices=["think"], default=None)
     p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker (default 1)")

@@ -80,6 +80,60 @@ class WorkerGroup(_Strict):
     expert_parallel_size: int | None = Field(None, ge=1, description="None = engine.expert_parallel_size")
 
 
+class PlannerSettings(_Strict):
+    """The SLA planner (cluster/planner): switches worker roles as the traffic mix changes. Off by
+    default; YAML `planner: true` is short for `planner: {enabled: true}`."""
+
+    enabled: bool = Field(False, description="run the planner in the router (one acts: a Redis lease elects it)")
+    slo_ttft_ms: float | None = Field(None, gt=0, description="time-to-first-token target, p90 (None = no TTFT signal)")
+    slo_itl_ms: float | None = Field(None, gt=0, description="inter-token latency target, p90 (None = no ITL signal)")
+    interval_s: float = Field(5.0, gt=0, description="seconds between observations")
+    hysteresis: int = Field(3, ge=1, description="consecutive observations a pressure must persist before a switch")
+    cooldown_s: float = Field(60.0, ge=0, description="a worker is not switched again within this many seconds")
+    global_cooldown_s: float = Field(20.0, ge=0, description="no switch within this many seconds of any other")
+    max_switches_per_window: int = Field(4, ge=1, description="at most this many switches begin per window")
+    window_s: float = Field(600.0, gt=0, description="the window of max_switches_per_window, seconds")
+    min_prefill: int = Field(1, ge=0, description="prefill workers to keep (mixed ones count)")
+    min_decode: int = Field(1, ge=0, description="decode workers to keep (mixed ones count)")
+    prefill_queue_tokens_high: float = Field(4096, gt=0, description="prefill pressure: queued prompt tokens "
+                                                                      "per prefill worker above this")
+    decode_seqs_high: float = Field(32, gt=0, description="decode pressure: running + waiting sequences per "
+                                                          "decode worker above this")
+    kv_usage_high: float = Field(0.85, gt=0, le=1, description="decode pressure: mean KV usage above this")
+    slack: float = Field(0.8, gt=0, le=1, description="a latency has slack while its p90 <= slack x its SLO")
+    margin: float = Field(0.8, gt=0, le=1, description="the side giving a worker up must stay under margin x "
+                                                       "its threshold afterwards")
+    switch_mixed: bool = Field(False, description="mixed workers may be switched (to prefill or decode)")
+    migrate: bool = Field(True, description="hand a leaving decode worker's streams to others instead of "
+                                            "waiting for them")
+    drain_timeout_s: float | None = Field(None, gt=0, description="per switch; None = the worker's default")
+    lease_ttl_s: float = Field(15.0, gt=0, description="leader lease; renewed every interval")
+    latency_window_s: float = Field(60.0, gt=0, description="TTFT/ITL percentiles over the last this many seconds")
+    trace_file: str | None = Field(None, description="append every observation and its decisions to this file "
+                                                     "as JSON lines (a trace to replay through the core offline)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, data: Any) -> Any:
+        return {"enabled": data} if isinstance(data, bool) else data
+
+    @model_validator(mode="after")
+    def _lease(self) -> "PlannerSettings":
+        if self.lease_ttl_s <= self.interval_s:
+            raise ValueError(f"planner lease_ttl_s ({self.lease_ttl_s}) must exceed interval_s ({self.interval_s}): "
+                             "the leader renews it once per interval")
+        return self
+
+    def core_config(self):
+        """The pure core's PlannerConfig (cluster.planner.core) from these settings."""
+        from dataclasses import fields
+
+        from cluster.planner.core import PlannerConfig
+
+        names = {f.name for f in fields(PlannerConfig)}
+        return PlannerConfig(**self.model_dump(include=names))
+
+
 class ClusterConfig(_Strict):
     """`pdserve serve` / `pdserve launch`: the whole cluster."""
 
@@ -109,6 +163,7 @@ class ClusterConfig(_Strict):
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting one")
     workers: tuple[WorkerGroup, ...] = Field(
         (), description="explicit worker list (sets the prefill/decode/mixed counts); for per-worker EP sizes")
+    planner: PlannerSettings = Field(PlannerSettings(), description="the SLA planner (role switches); off by default")
 
     @model_validator(mode="before")
     @classmethod

@@ -170,7 +170,10 @@ class ServeSession:
 
 
 def build_router_app(config: ClusterConfig, redis_url: str):
-    """The FastAPI app over a ClusterBackend (used by `pdserve serve` and the router Deployment)."""
+    """The FastAPI app over a ClusterBackend (used by `pdserve serve` and the router Deployment),
+    with the planner running in it when `config.planner.enabled`."""
+    from cluster.metrics import RouterMetrics
+    from cluster.router.admin import add_planner_route
     from cluster.router.app import create_app
     from cluster.router.cluster_backend import ClusterBackend, model_info
     from cluster.router.local import default_served_name
@@ -188,4 +191,16 @@ def build_router_app(config: ClusterConfig, redis_url: str):
 
         # Shared across router replicas; the app's own in-memory limiter would count per replica.
         limiter = RedisRateLimiter(Store.from_url(redis_url, config.cluster), config.rate_limit_per_minute)
-    return create_app(backend, settings, rate_limiter=limiter)
+    metrics = RouterMetrics(latency_window_s=config.planner.latency_window_s)
+    planner = None
+    if config.planner.enabled:
+        from cluster.planner.runner import PlannerRunner
+
+        # The backend's store: the planner stops (and releases its lease) before the backend closes it.
+        planner = PlannerRunner(backend.admin, backend.store, metrics, config.planner)
+    app = create_app(backend, settings, rate_limiter=limiter, metrics=metrics,
+                     services=[planner] if planner is not None else [])
+    app.state.planner = planner
+    if planner is not None and settings.admin_api_keys:
+        add_planner_route(app, planner)
+    return app

@@ -7,6 +7,13 @@ worker into per-worker series (labels `worker`, `role`; per-expert token counts 
 add `layer` and `expert`). The /metrics handler awaits
 `backend.worker_stats()` first and hands the result over, because collectors are synchronous.
 
+Rolling windows (`LatencyWindow`, a minute by default) keep recent TTFT and ITL samples so that, in the same
+process, the planner reads their p90 (a histogram's buckets are too coarse and never forget).
+Planner series: `pdserve:planner_decisions_total{to}` (switches it asked for and a worker
+started), `pdserve:planner_leader` (1 while this router holds the planner lease). From the
+workers: `pdserve:role_switches_total{worker,from,to}` (completed switches by direction) and
+`pdserve:num_workers{role}` (workers per role among those that answered the scrape).
+
 `pdserve:request_queue_time_seconds` is an approximation: the Backend protocol does not report
 how long a request waited inside a worker, so it is the router-side time from arrival until the
 request was handed to the backend (validation, tokenization, limits). Queueing inside workers
@@ -16,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from pdserve.v1 import worker_pb2
@@ -63,7 +72,6 @@ _WORKER_COUNTERS = (
     ("pdserve:kv_recompute", "kv_recompute_total", "Prompts recomputed after a failed KV transfer."),
     ("pdserve:kv_blocks_skipped", "kv_blocks_skipped_total", "KV blocks not pulled: already in the prefix cache."),
     ("pdserve:kv_blocks_served", "kv_blocks_served_total", "KV blocks this worker sent over gRPC."),
-    ("pdserve:role_switches", "role_switches_total", "Role switches of the worker."),
     ("pdserve:requests_resumed", "requests_resumed_total",
      "Requests the worker resumed from another worker's generated tokens (KV recomputed)."),
 )
@@ -84,6 +92,11 @@ class WorkerStatsCollector:
         counters = {name: CounterMetricFamily(name, doc, labels=labels) for name, _, doc in _WORKER_COUNTERS}
         usage = GaugeMetricFamily("pdserve:kv_cache_usage_perc", "KV cache usage (1 = full).", labels=labels)
         role_g = GaugeMetricFamily("pdserve:worker_role", "1 for the worker's current role.", labels=labels)
+        count_g = GaugeMetricFamily("pdserve:num_workers", "Workers per role (of those that answered).",
+                                    labels=["role"])
+        switches = CounterMetricFamily("pdserve:role_switches", "Completed role switches of the worker, by "
+                                       "direction.", labels=["worker", "from", "to"])
+        per_role = {role: 0 for role in ("prefill", "decode", "mixed")}
         # A counter (monotonic since the worker loaded, reset when it restarts), one series per expert.
         experts = CounterMetricFamily("pdserve:expert_tokens", "Tokens routed to each expert of each MoE layer "
                                       "(layer = index among the MoE layers) since the worker loaded.",
@@ -97,13 +110,22 @@ class WorkerStatsCollector:
             usage.add_metric(key, 1.0 - s.num_free_blocks / s.num_blocks if s.num_blocks else 0.0)
             for role in ("prefill", "decode", "mixed"):
                 role_g.add_metric([s.worker_id, role], 1.0 if role == key[1] else 0.0)
+            if key[1] in per_role:
+                per_role[key[1]] += 1
+            for c in s.role_switch_counts:
+                switches.add_metric([s.worker_id, ROLE_NAMES.get(c.from_role, "unspecified"),
+                                     ROLE_NAMES.get(c.to_role, "unspecified")], float(c.count))
             for load in s.expert_load:
                 for expert, tokens in enumerate(load.tokens):
                     experts.add_metric(key + [str(load.layer), str(expert)], float(tokens))
         yield from gauges.values()
         yield from counters.values()
+        for role, n in per_role.items():
+            count_g.add_metric([role], float(n))
         yield usage
         yield role_g
+        yield count_g
+        yield switches
         yield experts
 
 
@@ -130,10 +152,39 @@ class BackendCountersCollector:
                 yield family
 
 
+class LatencyWindow:
+    """Samples (seconds) of the last `window_s`, for percentiles; `now` is time.perf_counter()."""
+
+    def __init__(self, window_s: float = 60.0, max_samples: int = 20_000) -> None:
+        if window_s <= 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)  # (when, value)
+
+    def observe(self, value: float, now: float | None = None) -> None:
+        self._samples.append((time.perf_counter() if now is None else now, value))
+
+    def _expire(self, now: float) -> None:
+        while self._samples and now - self._samples[0][0] > self.window_s:
+            self._samples.popleft()
+
+    def __len__(self) -> int:
+        self._expire(time.perf_counter())
+        return len(self._samples)
+
+    def percentile(self, q: float, now: float | None = None, min_samples: int = 1) -> float | None:
+        """The q-quantile (0 < q <= 1, nearest rank) of the window; None below `min_samples`."""
+        self._expire(time.perf_counter() if now is None else now)
+        if len(self._samples) < max(min_samples, 1):
+            return None
+        values = sorted(v for _, v in self._samples)
+        return values[min(len(values), max(1, math.ceil(q * len(values)))) - 1]
+
+
 class RouterMetrics:
     """Every series of one router app, in its own registry (tests build several apps)."""
 
-    def __init__(self, stats_timeout_s: float = 5.0) -> None:
+    def __init__(self, stats_timeout_s: float = 5.0, latency_window_s: float = 60.0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token.",
@@ -151,6 +202,12 @@ class RouterMetrics:
                                ["finished_reason"], registry=r)
         self.stats_failures = Counter("pdserve:worker_stats_failures", "Scrapes that could not read worker stats.",
                                       registry=r)
+        self.planner_decisions = Counter("pdserve:planner_decisions", "Role switches the planner asked for "
+                                         "and a worker started, by target role.", ["to"], registry=r)
+        self.planner_leader = Gauge("pdserve:planner_leader", "1 while this router's planner holds the "
+                                    "leader lease.", registry=r)
+        self.recent_ttft = LatencyWindow(latency_window_s)
+        self.recent_itl = LatencyWindow(latency_window_s)
         self.workers = WorkerStatsCollector()
         r.register(self.workers)
         self.backend_counters = BackendCountersCollector()
@@ -204,9 +261,11 @@ class RequestTracker:
             if not self._first_token:
                 self._first_token = True
                 self.m.ttft.observe(now - self.arrival)
+                self.m.recent_ttft.observe(now - self.arrival, now)
             last = self._last.get(index)
             if last is not None:
                 self.m.itl.observe(now - last)
+                self.m.recent_itl.observe(now - last, now)
             self._last[index] = now
             self.m.generation_tokens.inc(num)
         if chunk.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED:

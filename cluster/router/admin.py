@@ -3,6 +3,7 @@
     GET  /admin/workers                 -> {"object": "list", "data": [worker, ...]}
     GET  /admin/workers/{id}            -> worker
     POST /admin/workers/{id}/role       -> 202 (switch started) or 200 (already that role), worker
+    GET  /admin/planner                 -> the planner's state (when it runs in this router)
 
 A worker object comes from the registry (address, load) and, when the worker answers, from its
 own Health (role, epoch, phase, history): the worker is the only owner of its role and epoch. A
@@ -134,3 +135,11 @@ def add_admin_routes(app: FastAPI, admin: ClusterAdmin) -> None:
     async def set_role(worker_id: str, body: SetRoleBody) -> JSONResponse:
         started, obj = await admin.set_role(worker_id, body)
         return JSONResponse(obj, status_code=202 if started else 200)
+
+
+def add_planner_route(app: FastAPI, planner: Any) -> None:
+    """GET /admin/planner: leader or not, the last observation, recent decisions (PlannerRunner.status)."""
+
+    @app.get("/admin/planner")
+    async def planner_status() -> dict[str, Any]:
+        return planner.status()

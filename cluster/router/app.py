@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,20 +38,32 @@ from cluster.router.settings import RouterSettings
 logger = logging.getLogger(__name__)
 
 
+class Service(Protocol):
+    """Background work that lives as long as the app (the planner): started after the backend is
+    up, stopped before it closes."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 def create_app(backend: Backend, settings: RouterSettings | None = None, *, rate_limiter: RateLimiter | None = None,
-               close_backend: bool = True) -> FastAPI:
+               close_backend: bool = True, metrics: RouterMetrics | None = None,
+               services: Sequence[Service] = ()) -> FastAPI:
     """The router app over `backend`.
 
     rate_limiter: defaults to an in-memory fixed window when settings.rate_limit_per_minute is set
     (pass a `RedisRateLimiter` to share limits between routers). close_backend: close the backend
-    when the app shuts down (the app's event loop owns its connections).
+    when the app shuts down (the app's event loop owns its connections). metrics: the app's
+    series (pass one when a service reads them, as the planner reads TTFT/ITL). services: run
+    with the app's lifespan, in its event loop.
     """
     settings = settings or RouterSettings()
     if rate_limiter is None and settings.rate_limit_per_minute:
         rate_limiter = FixedWindowRateLimiter(settings.rate_limit_per_minute)
     info = backend.model
     state = RouterState(
-        backend=backend, settings=settings, metrics=RouterMetrics(),
+        backend=backend, settings=settings, metrics=metrics or RouterMetrics(),
         model_name=settings.served_model_name or info.name, token_text=TokenText(info.tokenizer),
         reasoning=get_reasoning_parser(settings.reasoning_parser) if settings.reasoning_parser else None,
     )
@@ -58,9 +71,20 @@ def create_app(backend: Backend, settings: RouterSettings | None = None, *, rate
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         logger.info("router serving %s (max_model_len %d) with %s", state.model_name, info.max_model_len, settings)
-        yield
-        if close_backend:
-            await backend.close()
+        started: list[Service] = []
+        try:
+            for service in services:
+                await service.start()
+                started.append(service)
+            yield
+        finally:
+            for service in reversed(started):
+                try:
+                    await service.stop()
+                except Exception as exc:  # noqa: BLE001 - the others and the backend must still stop
+                    logger.warning("stopping %s: %s", type(service).__name__, exc)
+            if close_backend:
+                await backend.close()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.router = state

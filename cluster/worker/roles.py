@@ -78,6 +78,7 @@ class RoleMachine:
         self._target: Role | None = None
         self._reason = ""
         self.switches_total = 0
+        self.switch_counts: dict[tuple[Role, Role], int] = {}  # completed switches by (from, to)
         self.rollbacks_total = 0
         self.history: deque[PhaseEvent] = deque(maxlen=HISTORY)
         self._record(now)
@@ -181,9 +182,11 @@ class RoleMachine:
         """The flip: the target becomes the role, the epoch moves on; returns the new epoch."""
         if self._phase != "switching" or self._target is None:
             raise ValueError(f"cannot complete a switch from phase {self._phase}")
+        pair = (self._role, self._target)
         self._role, self._target = self._target, None
         self._epoch += 1
         self.switches_total += 1
+        self.switch_counts[pair] = self.switch_counts.get(pair, 0) + 1
         self._enter("ready", now)
         return self._epoch
 

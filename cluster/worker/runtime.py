@@ -219,7 +219,9 @@ class WorkerRuntime:
         return stats_response(self.worker_id, ROLE_PB[self.role], self.epoch, s, self.kv_counters,
                               num_active_leases=len(self.leases), queued_prefill_tokens=queued,
                               expert_parallel_size=self.ep_size, expert_load=counts,
-                              role_switches_total=self.roles.switches_total)
+                              role_switches_total=self.roles.switches_total,
+                              role_switch_counts={(ROLE_PB[a], ROLE_PB[b]): n
+                                                  for (a, b), n in self.roles.switch_counts.items()})
 
     # ----- housekeeping -----
     async def _load(self) -> WorkerLoad:

@@ -1,7 +1,7 @@
 """StatsResponse assembly from the engine's and the KV layer's counters."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from engine.llm_engine import EngineStats
 from pdserve.v1 import worker_pb2
@@ -9,9 +9,11 @@ from pdserve.v1 import worker_pb2
 
 def stats_response(worker_id: str, role: int, epoch: int, s: EngineStats, kv=None, *, num_active_leases: int = 0,
                    queued_prefill_tokens: int = 0, role_switches_total: int = 0, expert_parallel_size: int = 1,
-                   expert_load: Sequence[Sequence[int]] = ()) -> worker_pb2.StatsResponse:
+                   expert_load: Sequence[Sequence[int]] = (),
+                   role_switch_counts: Mapping[tuple[int, int], int] | None = None) -> worker_pb2.StatsResponse:
     """`kv` is a cluster.kv.counters.KVCounters (None for a worker that moves no KV); `expert_load`
-    holds, per MoE layer, the tokens routed to each expert since load."""
+    holds, per MoE layer, the tokens routed to each expert since load; `role_switch_counts` the
+    completed switches by (from, to) protobuf role."""
     msg = worker_pb2.StatsResponse(
         worker_id=worker_id, role=role, epoch=epoch, num_requests_running=s.num_running,
         num_requests_waiting=s.num_waiting, num_holding_kv=s.num_holding_kv, num_waiting_for_kv=s.num_waiting_for_kv,
@@ -21,6 +23,8 @@ def stats_response(worker_id: str, role: int, epoch: int, s: EngineStats, kv=Non
         queued_prefill_tokens=queued_prefill_tokens, num_active_leases=num_active_leases,
         role_switches_total=role_switches_total, expert_parallel_size=expert_parallel_size,
         expert_load=[worker_pb2.ExpertLoad(layer=i, tokens=list(counts)) for i, counts in enumerate(expert_load)],
+        role_switch_counts=[worker_pb2.RoleSwitchCount(from_role=a, to_role=b, count=n)
+                            for (a, b), n in sorted((role_switch_counts or {}).items())],
     )
     if kv is not None:
         msg.kv_transfers_total = kv.transfers_total
