@@ -54,12 +54,13 @@ class _Timers:
 
 @contextlib.contextmanager
 def _patched(timers: _Timers) -> Iterator[None]:
+    import engine.layers.mlp as mlp
     import engine.llm_engine as llm_engine
     from engine.layers.attention import Attention
     from engine.layers.linear import Linear
     from engine.layers.quant import WeightOnlyLinear
 
-    targets = [(Linear, "forward", "gemm"), (WeightOnlyLinear, "forward", "gemm"),
+    targets = [(Linear, "forward", "gemm"), (WeightOnlyLinear, "forward", "gemm"), (mlp, "gate_up_silu", "gemm"),
                (Attention, "forward", "attention"), (llm_engine, "sample", "sampling")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
     try:

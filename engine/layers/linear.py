@@ -70,17 +70,42 @@ def gemv_max_rows() -> int:
     return 32
 
 
-def packed_copy(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+def packed_copy(owner: torch.nn.Module, weight: torch.Tensor, interleave: bool = False) -> torch.Tensor | None:
     """The kernels' packed layout of a bf16 `weight`, made once and cached on `owner` (rebuilt if
-    the weight object changes); None where the layout does not apply (odd K: torch's matmul)."""
-    cached = owner.__dict__.get("_weight_packed")
+    the weight object changes); None where the layout does not apply (odd K: torch's matmul).
+    `interleave`: the gate/up-interleaved layout of a gate_up weight (linear_packed_silu)."""
+    key = "_weight_packed_il" if interleave else "_weight_packed"
+    cached = owner.__dict__.get(key)
     if cached is None or cached[0] is not weight:
         from engine.kernels.packing import pack_bf16
 
-        packed = pack_bf16(weight) if weight.shape[1] % 2 == 0 else None
+        packed = pack_bf16(weight, interleave=interleave) if weight.shape[1] % 2 == 0 else None
         cached = (weight, packed)
-        owner.__dict__["_weight_packed"] = cached
+        owner.__dict__[key] = cached
     return cached[1]
+
+
+def fused_silu_applies(weight: torch.Tensor) -> bool:
+    """Can linear_packed_silu take this gate_up weight [2I, K] here (AMX, bf16, I % 16, K % 32)?"""
+    ops = cpu_ops()
+    return (ops is not None and ops.isa() == "amx_bf16" and weight.dtype == torch.bfloat16
+            and weight.device.type == "cpu" and weight.shape[0] % 32 == 0 and weight.shape[1] % 32 == 0)
+
+
+def gate_up_silu(owner: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """silu(x . gate) * (x . up) in one kernel for a few hundred bf16 rows on AMX hosts (the
+    projections are not rounded to bf16 in between), or None where it does not apply."""
+    if x.dtype != torch.bfloat16 or not fused_silu_applies(weight):
+        return None
+    k = x.shape[-1]
+    rows = x.numel() // k
+    if rows > gemv_max_rows():
+        return None
+    x2 = x.reshape(rows, k)
+    if x2.stride(0) % 2 or x2.data_ptr() % 4:
+        x2 = x2.contiguous()
+    half = weight.shape[0] // 2
+    return cpu_ops().linear_packed_silu(x2, packed_copy(owner, weight, interleave=True), half).view(*x.shape[:-1], half)
 
 
 def small_linear(owner: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor,
@@ -103,13 +128,19 @@ def small_linear(owner: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor,
 
 
 def prepack(model: torch.nn.Module) -> int:
-    """Pack every bf16 Linear's weight now (not on the first decode step); returns bytes packed."""
+    """Pack every bf16 Linear's weight now (not on the first decode step); returns bytes packed.
+    A gated MLP's gate_up takes the interleaved layout where the fused kernel applies (only)."""
     if cpu_ops() is None:
         return 0
+    from engine.layers.mlp import GatedMLP
+
+    fused = {id(m.gate_up_proj) for m in model.modules()
+             if isinstance(m, GatedMLP) and type(m.gate_up_proj) is Linear and m.gate_up_proj.bias is None
+             and fused_silu_applies(m.gate_up_proj.weight)}
     total = 0
     for mod in model.modules():
         if isinstance(mod, Linear) and mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu":
-            packed = packed_copy(mod, mod.weight)
+            packed = packed_copy(mod, mod.weight, interleave=id(mod) in fused)
             total += 0 if packed is None else packed.numel() * packed.element_size()
     return total
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import cpu_ops
-from engine.layers.linear import Linear
+from engine.layers.linear import Linear, gate_up_silu
 
 
 def silu_and_mul(gate_up: torch.Tensor, intermediate_size: int) -> torch.Tensor:
@@ -26,4 +26,9 @@ class GatedMLP(torch.nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.gate_up_proj
+        if type(proj) is Linear and proj.bias is None:  # not once quantized (WeightOnlyLinear)
+            h = gate_up_silu(proj, x, proj.weight)
+            if h is not None:
+                return self.down_proj(h)
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.intermediate_size))

@@ -49,6 +49,30 @@ def test_linear_packed(rows, n, k):
         pack_bf16(torch.randn(4, 3).bfloat16())
 
 
+@pytest.mark.parametrize("rows", [1, 9, 33, 100])
+@pytest.mark.parametrize("i,k", [(16, 32), (48, 64), (96, 576)])
+def test_linear_packed_silu(rows, i, k):
+    """gate_up and SiLU-and-mul in one AMX kernel over the interleaved layout; elsewhere the op
+    refuses clearly (the engine only calls it where the kernel ISA is amx_bf16)."""
+    from engine.kernels.packing import pack_bf16
+
+    g = torch.Generator().manual_seed(rows * 100 + i + k)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = (torch.randn(2 * i, k, generator=g) / k**0.5).bfloat16()
+    packed = pack_bf16(w, interleave=True)
+    if ops.isa() != "amx_bf16":
+        with pytest.raises(RuntimeError, match="needs AMX"):
+            ops.linear_packed_silu(x, packed, i)
+        return
+    gate_up = x.double() @ w.double().T
+    ref = F.silu(gate_up[:, :i]) * gate_up[:, i:]
+    close(ops.linear_packed_silu(x, packed, i), ref, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="shapes"):
+        ops.linear_packed_silu(x, packed, i + 16)
+    with pytest.raises(ValueError, match="I % 16"):
+        pack_bf16(torch.randn(48, k).bfloat16(), interleave=True)
+
+
 def test_linear_packed_strided_rows_and_bad_input():
     from engine.kernels.packing import pack_bf16
 

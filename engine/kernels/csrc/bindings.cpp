@@ -20,6 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pdserve CPU decode kernels";
   m.def("linear_packed", &linear_packed, "small-batch linear over prepacked bf16 weights", py::arg("x"), py::arg("w"),
         py::arg("n"), py::arg("bias") = py::none(), nogil());
+  m.def("linear_packed_silu", &linear_packed_silu, "silu(x . gate) * (x . up) over an interleaved packed gate_up (AMX)",
+        py::arg("x"), py::arg("w"), py::arg("intermediate"), nogil());
   m.def("add_rms_norm", &add_rms_norm, "x += delta (in place); rms_norm(x) * w", py::arg("x"), py::arg("delta"),
         py::arg("weight"), py::arg("eps"), py::arg("out_bf16"), nogil());
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [T, 2I]", nogil());

@@ -116,8 +116,9 @@ struct PackedArgs {
   int64_t ldy;
 };
 
-// The AMX tile path (gemm_amx.cpp) over N-tiles [t0, t1) for every row; K % 32 == 0.
-void amx_packed_range(const PackedArgs& a, int64_t t0, int64_t t1);
+// The AMX tile path (gemm_amx.cpp) over N-tiles [t0, t1) for every row; K % 32 == 0. With
+// `silu`, tiles come in (gate, up) pairs and y [B, N/2] gets silu(gate) * up (t0 even).
+void amx_packed_range(const PackedArgs& a, int64_t t0, int64_t t1, bool silu);
 bool amx_usable();  // the CPU has AMX-BF16 and the kernel granted this process the tile state
 
 inline void check_cpu(const torch::Tensor& t, const char* name) {
@@ -132,6 +133,7 @@ inline void check_float(const torch::Tensor& t, const char* name) {
 // The ops the Python module exposes (bindings.cpp).
 torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                             const c10::optional<torch::Tensor>& bias);
+torch::Tensor linear_packed_silu(const torch::Tensor& x, const torch::Tensor& w, int64_t intermediate);
 torch::Tensor add_rms_norm(torch::Tensor& x, const c10::optional<torch::Tensor>& delta, const torch::Tensor& weight,
                            double eps, bool out_bf16);
 torch::Tensor silu_mul(const torch::Tensor& gu);

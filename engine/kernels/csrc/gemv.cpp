@@ -116,7 +116,7 @@ void packed_tiles_avx2(const PackedArgs& a, const float* xf, int64_t t0, int64_t
 // once and serves every block of rows from cache, so more rows cost compute, not bandwidth.
 void packed_range(const PackedArgs& a, const float* xf, int64_t t0, int64_t t1) {
   if (kIsa == Isa::kAmx && a.K % 32 == 0) {
-    amx_packed_range(a, t0, t1);
+    amx_packed_range(a, t0, t1, false);
   } else if (has_avx512bf16()) {
     for (int64_t t = t0; t < t1; t += 2) {
       const int64_t te = std::min<int64_t>(t + 2, t1);
@@ -180,6 +180,28 @@ torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int6
   at::parallel_for(0, (tiles + 1) / 2, std::max<int64_t>(1, grain / 2), [&](int64_t p0, int64_t p1) {
     packed_range(a, xfp, p0 * 2, std::min(tiles, p1 * 2));
   });
+  return y;
+}
+
+// x [B, K] bf16, w the gate_up weight packed with its halves interleaved by tile (pack_bf16(...,
+// interleave=True): gate tile j, then up tile j); returns silu(x . gate) * (x . up) [B, I] in
+// bf16 without rounding the projections in between. AMX only (kernel ISA amx_bf16).
+torch::Tensor linear_packed_silu(const torch::Tensor& x, const torch::Tensor& w, int64_t intermediate) {
+  check_cpu(x, "x");
+  TORCH_CHECK(kIsa == Isa::kAmx, "linear_packed_silu: needs AMX (kernel ISA ", isa_name(), ")");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "linear_packed_silu: bf16 only");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "linear_packed_silu: x must be [B, K] with contiguous rows");
+  const int64_t K = x.size(1), B = x.size(0), I = intermediate;
+  TORCH_CHECK(I % 16 == 0 && K % 32 == 0 && w.dim() == 4 && w.is_contiguous() && w.size(0) == I / 8 &&
+                  w.size(1) * 2 == K && w.size(2) == 16 && w.size(3) == 2,
+              "linear_packed_silu: shapes ", x.sizes(), " and ", w.sizes(), " for I=", I);
+  auto y = torch::empty({B, I}, x.options());
+  if (B == 0 || I == 0) return y;
+  PackedArgs a{reinterpret_cast<const bf16*>(x.data_ptr()), x.stride(0), B, reinterpret_cast<const bf16*>(w.data_ptr()),
+               K, 2 * I, nullptr, reinterpret_cast<bf16*>(y.data_ptr()), I};
+  const int64_t pairs = I / 16;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K * 32, 1));
+  at::parallel_for(0, pairs, grain, [&](int64_t p0, int64_t p1) { amx_packed_range(a, p0 * 2, p1 * 2, true); });
   return y;
 }
 
