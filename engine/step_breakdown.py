@@ -1,10 +1,12 @@
 """Where a decode step's time goes: GEMMs, attention, sampling and the rest (a benchmark aid).
 
 `decode_breakdown(llm, batch, prompt_len)` puts `batch` requests into decode and times a few
-pure-decode steps with the linear layers, the attention blocks and the sampler wrapped by
-timers. Each category counts its own time only (attention excludes its qkv/o projections, which
-count as GEMMs); "rest" is the step minus the categories: norms, activations, embedding, the
-scheduler, the runner's tensor building and Python between them.
+pure-decode steps as the engine runs them (the step), then as many on the per-op path with the
+linear layers, the attention blocks and the sampler wrapped by timers (the whole-layer kernel,
+engine/layers/layer_decode.py, runs the same kernels but cannot be timed inside). Each category
+counts its own time only (attention excludes its qkv/o projections, which count as GEMMs);
+"rest" is the step minus the categories: norms, activations, embedding, the scheduler, the
+runner's tensor building and Python between them.
 """
 from __future__ import annotations
 
@@ -77,26 +79,33 @@ def decode_breakdown(llm: Any, batch: int, prompt_len: int, steps: int = 12) -> 
     category's share of the summed steps applied to it."""
     eng = llm.engine
     vocab = eng.config.model.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 4, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + 4, ignore_eos=True)
     ids = [f"breakdown-{batch}-{i}" for i in range(batch)]
     for i, rid in enumerate(ids):
         eng.add_request(rid, [(97 + 13 * i + 7 * j) % vocab for j in range(prompt_len)], params)
     started: set[str] = set()
     while len(started) < batch:
         started.update(o.request_id for o in eng.step())
-    timers = _Timers()
-    durations = []
-    with _patched(timers):
+    from engine.layers.layer_decode import per_op_path
+
+    def timed_steps() -> list[float]:
+        durations = []
         for _ in range(steps):
             t0 = time.perf_counter()
             eng.step()
             durations.append(time.perf_counter() - t0)
+        return durations
+
+    step_ms = statistics.median(timed_steps()) * 1e3
+    timers = _Timers()
+    with _patched(timers), per_op_path():
+        durations = timed_steps()
     while eng.has_unfinished_requests():
         eng.step()
     total = sum(durations)
     scale = statistics.median(durations) / total * 1e3  # per-step ms, on the median step's scale
-    return Breakdown(batch, statistics.median(durations) * 1e3, timers.totals["gemm"] * scale,
-                     timers.totals["attention"] * scale, timers.totals["sampling"] * scale)
+    return Breakdown(batch, step_ms, timers.totals["gemm"] * scale, timers.totals["attention"] * scale,
+                     timers.totals["sampling"] * scale)
 
 
 def render_breakdown(rows: list[Breakdown], prompt_len: int) -> str:

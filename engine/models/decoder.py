@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from engine.kernels import cpu_ops
 from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.layer_decode import run_layers
 from engine.layers.linear import Linear, float32_copy, small_linear, upcast_for
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import SparseMoE
@@ -122,6 +123,9 @@ class DecoderForCausalLM(torch.nn.Module):
             cos, sin = self.rope.cos_sin(positions)
         layers = self.layers
         h = layers[0].input_layernorm.add_(x, None)
+        fused = run_layers(layers, self.norm, self.rope, x, h, meta)
+        if fused is not None:
+            return fused
         for i, layer in enumerate(layers):
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
             h = layer(x, h, self.rope, cos, sin, meta, nxt)

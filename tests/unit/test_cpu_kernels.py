@@ -139,14 +139,17 @@ def _reference_attention(q, cache, table, lens, heads, scale):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 24), (18, 2, 32), (6, 1, 8), (16, 2, 128), (5, 5, 96)])
-def test_paged_decode_attention(dtype, heads, kv_heads, head_dim):
-    lens = [1, 7, 16, 17, 40, 129]
+@pytest.mark.parametrize("nseq", [2, 6])
+def test_paged_decode_attention(dtype, heads, kv_heads, head_dim, nseq):
+    """Six sequences take the whole-sequence tasks where they apply (bf16 on AVX-512 BF16), two
+    the per-(sequence, kv head) tasks: both against a float64 reference."""
+    lens = [1, 7, 16, 17, 40, 129][-nseq:]
     bs = 16
     cache, table = _paged_setup(dtype, heads, kv_heads, head_dim, bs, lens)
     T = len(lens) + 2
     width = (heads + 2 * kv_heads) * head_dim
     qkv = torch.randn(T, width).to(dtype)
-    rows = torch.tensor([0, 2, 3, 4, 6, 7])  # decode rows among other (prefill) rows
+    rows = torch.tensor([0, 2, 3, 4, 6, 7][:nseq])  # decode rows among other (prefill) rows
     out = torch.full((T, heads * head_dim), 7.0, dtype=dtype)
     scale = head_dim**-0.5
     ops.paged_decode_attention(qkv, rows, cache, table, torch.tensor(lens), heads, scale, out)
@@ -217,6 +220,41 @@ def test_engine_same_tokens_with_and_without_kernels(arch, tiny_checkpoint, make
     assert fast == plain
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "ernie45_moe"])
+def test_whole_layer_decode_same_tokens_as_per_op(arch, tiny_checkpoint, make_engine):
+    """bf16 decode steps through ops.decode_layer give exactly the per-op path's greedy tokens and
+    logprobs (same kernels, same roundings), with prompts that prefill in chunks next to decodes;
+    the dense layers did take it, and a model with MoE layers keeps the per-op path."""
+    from engine.layers.layer_decode import per_op_path
+
+    path = tiny_checkpoint(arch)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 30, 9, 50, 17)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2)
+
+    def run(eng):
+        for i, p in enumerate(prompts):
+            eng.add_request(f"r{i}", p, params)
+        done = {}
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    done[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].logprobs)
+        return done
+
+    fast_engine = make_engine(path, dtype="bfloat16", max_num_batched_tokens=24)
+    fast = run(fast_engine)
+    layers = fast_engine.runner.model.layers
+    built = [layer.__dict__.get("_decode_weights", (None, None))[1] for layer in layers]
+    with per_op_path():
+        plain = run(make_engine(path, dtype="bfloat16", max_num_batched_tokens=24))
+    assert fast == plain
+    if arch == "ernie45_moe":
+        assert any(b is None for b in built)
+    else:
+        assert all(b is not None for b in built)
+
+
 def _host_has_avx512_bf16() -> bool:
     with open("/proc/cpuinfo") as f:
         return " avx512_bf16" in f.read()
@@ -235,6 +273,6 @@ def test_the_lower_tiers_pass_too(isa):
                            cwd=root, env=env, capture_output=True, text=True, check=True)
     assert check.stdout.split()[-1] == isa
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "not lower_tiers and not engine_same_tokens"],
+                          "not lower_tiers and not engine_same_tokens and not whole_layer"],
                          cwd=root, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

@@ -146,4 +146,23 @@ void paged_decode_attention(const torch::Tensor& q, const torch::Tensor& rows, c
                             double scale, torch::Tensor& out);
 std::string isa_name();
 
+// One dense layer's weights for decode_layer (layer.cpp), gathered once by the model: packed
+// projections (gate_up interleaved when `fused_silu`), norms, attention shape, its KV cache.
+struct DecodeLayerWeights {
+  torch::Tensor w_qkv, w_o, w_gate_up, w_down, post_norm, kv_cache;
+  c10::optional<torch::Tensor> b_qkv, b_o, b_gate_up, b_down, q_norm, k_norm;
+  int64_t n_qkv = 0, n_o = 0, intermediate = 0, n_down = 0, num_heads = 0, num_kv_heads = 0;
+  double post_eps = 1e-6, qk_eps = 0.0, scale = 1.0;
+  bool fused_silu = false;
+};
+
+// A decode-only step's metadata, shared by every layer.
+struct DecodeStep {
+  torch::Tensor positions, cos, sin, slot_blocks, slot_offsets, rows, block_table, lens;
+  bool interleaved = false;
+};
+
+torch::Tensor decode_layer(const DecodeLayerWeights& w, const DecodeStep& s, torch::Tensor& x, const torch::Tensor& h,
+                           const torch::Tensor& next_norm, double next_eps, bool next_bf16);
+
 }  // namespace pdk
