@@ -1,4 +1,5 @@
-"""Weight layouts for the kernels: bf16 [N, K] -> [ceil(N/16), K/2, 16, 2] (see linear_packed)."""
+"""Weight layouts for the kernels: bf16 [N, K] -> [ceil(N/16), K/2, 16, 2] (linear_packed), and
+group-wise 4-bit weights -> nibble tiles with per-group constants (linear_int4)."""
 from __future__ import annotations
 
 import torch
@@ -20,3 +21,32 @@ def pack_bf16(weight: torch.Tensor, interleave: bool = False) -> torch.Tensor:
     padded = weight.new_zeros(tiles * 16, k)
     padded[:n] = weight
     return padded.view(tiles, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q uint8 [N, K] in 0..15 and scale/zero [N, K/group] (w = (q - 8) * scale + zero), K and
+    group multiples of 8 -> nibble words [T, K/8, 16] int32 (row i of tile t, quad j: bits 4m..4m+3
+    hold q[16t+i, 8j+2m], bits 16+4m.. hold q[16t+i, 8j+2m+1]), scales [T, K/group, 16] and zero
+    terms (zero - 8 * scale) [T, K/group, 16] float32; T = ceil(N/16), rows past N zero."""
+    n, k = q.shape
+    if q.dtype != torch.uint8 or k % 8 or scale.shape != zero.shape or scale.shape[0] != n or k % scale.shape[1] \
+            or (k // scale.shape[1]) % 8:
+        raise ValueError(f"pack_int4 needs uint8 q [N, K % 8 == 0] and scale/zero [N, K/group] with group % 8 == 0, "
+                         f"got {tuple(q.shape)}, {tuple(scale.shape)}")
+    tiles, groups = (n + 15) // 16, scale.shape[1]
+    qp = torch.zeros(tiles * 16, k, dtype=torch.int64)
+    qp[:n] = q.long()
+    quads = qp.view(tiles * 16, k // 8, 4, 2)  # [row, quad, m, even/odd]
+    shifts = torch.arange(4) * 4
+    words = (quads[..., 0] << shifts).sum(-1) | ((quads[..., 1] << (shifts + 16)).sum(-1))
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits
+    nib = words.view(tiles, 16, k // 8).transpose(1, 2).contiguous()
+    sc = torch.zeros(tiles * 16, groups)
+    zb = torch.zeros(tiles * 16, groups)
+    sc[:n] = scale.float()
+    zb[:n] = zero.float() - 8.0 * scale.float()
+
+    def tile(t: torch.Tensor) -> torch.Tensor:
+        return t.view(tiles, 16, groups).transpose(1, 2).contiguous()
+
+    return nib, tile(sc), tile(zb)

@@ -32,7 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import cpu_ops
+
 logger = logging.getLogger(__name__)
+
+# Rows up to which wint4 runs pdserve's 4-bit GEMV (engine/kernels/csrc/gemv_int4.cpp), which
+# streams the nibbles once per call; more rows take torch's int4 kernel or the fallback (from ~4
+# rows both are compute-bound and measured even on an AMX host; at 1 row this one is ~1.6x).
+INT4_GEMV_MAX_ROWS = 4
 
 QUANT_METHODS = ("wint8", "wint4")
 
@@ -363,8 +370,29 @@ class WeightOnlyInt4Linear(WeightOnlyLinear):
         zero = sz[..., 1].t().repeat_interleave(self.group_size, dim=1)
         return (self._unpack_q().float() - 8.0) * scale + zero
 
+    def _gemv_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The pdserve kernel's nibble tiles and group constants, built once from the buffers
+        (the same q, scale and zero: the same dequantized weight)."""
+        cached = self.__dict__.get("_int4_tiles")
+        if cached is None or cached[0] is not self.weight_int4:
+            from engine.kernels.packing import pack_int4
+
+            packed = None
+            if self.in_features % 8 == 0 and self.group_size % 8 == 0:
+                sz = self.scales_and_zeros.float()
+                packed = pack_int4(self._unpack_q(), sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous())
+            cached = (self.weight_int4, packed)
+            self.__dict__["_int4_tiles"] = cached
+        return cached[1]
+
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         dt = x2d.dtype
+        if x2d.device.type == "cpu" and x2d.shape[0] <= INT4_GEMV_MAX_ROWS and dt in (torch.float32, torch.bfloat16):
+            ops = cpu_ops()
+            tiles = None if ops is None else self._gemv_layout()
+            if tiles is not None:
+                # float32 sums over the exact dequantized weight, for bf16 and float32 inputs alike
+                return ops.linear_int4(x2d, *tiles, self.out_features, self.group_size, None)
         if self.layout == "cpu_kernel" and x2d.device.type == "cpu":
             mm = torch.ops.aten._weight_int4pack_mm_for_cpu
             if dt == torch.bfloat16 or not self.fp32_exact:

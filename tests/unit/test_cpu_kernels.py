@@ -73,6 +73,31 @@ def test_linear_packed_silu(rows, i, k):
         pack_bf16(torch.randn(48, k).bfloat16(), interleave=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+@pytest.mark.parametrize("n,k,group", [(16, 32, 32), (37, 64, 32), (130, 576, 64), (33, 256, 128)])
+def test_linear_int4(dtype, rows, n, k, group):
+    """The 4-bit GEMV against x @ dequantized(w) in float64: float32 within accumulation noise,
+    bf16 within one rounding of the output."""
+    from engine.kernels.packing import pack_int4
+
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
+    zero = torch.randn(n, k // group, generator=g) * 0.01
+    w = (q.double() - 8) * scale.double().repeat_interleave(group, 1) + zero.double().repeat_interleave(group, 1)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g)
+    nib, sc, zb = pack_int4(q, scale, zero)
+    out = ops.linear_int4(x, nib, sc, zb, n, group, bias)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    close(out, x.double() @ w.T + bias.double(), dtype)
+    with pytest.raises(RuntimeError, match="shapes"):
+        ops.linear_int4(x, nib, sc, zb, n + 16, group, None)
+    with pytest.raises(RuntimeError, match="group"):
+        ops.linear_int4(x, nib, sc, zb, n, 12, None)
+
+
 def test_linear_packed_strided_rows_and_bad_input():
     from engine.kernels.packing import pack_bf16
 

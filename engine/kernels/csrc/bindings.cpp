@@ -20,6 +20,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pdserve CPU decode kernels";
   m.def("linear_packed", &linear_packed, "small-batch linear over prepacked bf16 weights", py::arg("x"), py::arg("w"),
         py::arg("n"), py::arg("bias") = py::none(), nogil());
+  m.def("linear_int4", &linear_int4, "small-batch linear over group-wise 4-bit weights (pack_int4)", py::arg("x"),
+        py::arg("w"), py::arg("scales"), py::arg("zeros"), py::arg("n"), py::arg("group"), py::arg("bias") = py::none(),
+        nogil());
   m.def("linear_packed_silu", &linear_packed_silu, "silu(x . gate) * (x . up) over an interleaved packed gate_up (AMX)",
         py::arg("x"), py::arg("w"), py::arg("intermediate"), nogil());
   m.def("add_rms_norm", &add_rms_norm, "x += delta (in place); rms_norm(x) * w", py::arg("x"), py::arg("delta"),

@@ -133,6 +133,8 @@ inline void check_float(const torch::Tensor& t, const char* name) {
 // The ops the Python module exposes (bindings.cpp).
 torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                             const c10::optional<torch::Tensor>& bias);
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
+                          const torch::Tensor& zeros, int64_t n, int64_t group, const c10::optional<torch::Tensor>& bias);
 torch::Tensor linear_packed_silu(const torch::Tensor& x, const torch::Tensor& w, int64_t intermediate);
 torch::Tensor add_rms_norm(torch::Tensor& x, const c10::optional<torch::Tensor>& delta, const torch::Tensor& weight,
                            double eps, bool out_bf16);

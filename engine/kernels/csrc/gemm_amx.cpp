@@ -77,7 +77,8 @@ PDS_AMX void write_silu_rows(const PackedArgs& a, const float* g, const float* u
 // Rows [r0, r0 + m0 + m1) (m0 <= 16 in tiles 4/0/1, m1 <= 16 in 5/2/3) against N-tiles t and, when
 // TWO, t + 1: the whole K in 32-wide steps, then the results out.
 template <bool R1, bool TWO, bool SILU>
-PDS_AMX void block(const PackedArgs& a, int64_t t, int64_t r0, int m0, int m1, const bf16* next, float* s) {
+PDS_AMX void block(const PackedArgs& a, int64_t t, int64_t r0, int m0, int m1, const char* pf, int64_t pf_step,
+                   float* s) {
   _tile_zero(0);
   if (TWO) _tile_zero(1);
   if (R1) {
@@ -91,10 +92,11 @@ PDS_AMX void block(const PackedArgs& a, int64_t t, int64_t r0, int m0, int m1, c
   const bf16* x1 = x0 + 16 * a.ldx;
   const int64_t xs = a.ldx * int64_t(sizeof(bf16));
   for (int64_t k = 0; k < a.K; k += 32) {
-    // The next tiles' weights, fetched while these compute (the first row group only: the
+    // A share of the next tiles' weights, fetched while these compute: spread over every k-step
+    // of every row group, so the misses stay within what the core can keep in flight.
     // others find this pair in cache), so that memory and the tile unit overlap.
-    if (next != nullptr)
-      for (int64_t l = 0; l < 2 * 16 * 64; l += 64) _mm_prefetch(reinterpret_cast<const char*>(next + k * 32) + l, _MM_HINT_T1);
+    if (pf != nullptr)
+      for (int64_t l = 0; l < pf_step; l += 64) _mm_prefetch(pf + (k / 32) * pf_step + l, _MM_HINT_T1);
     // Pair k/2 of a tile starts at element (k/2) * 32.
     _tile_loadd(6, w0 + k * 16, 64);
     if (TWO) _tile_loadd(7, w1 + k * 16, 64);
@@ -136,13 +138,15 @@ PDS_AMX void block(const PackedArgs& a, int64_t t, int64_t r0, int m0, int m1, c
 }
 
 template <bool SILU>
-PDS_AMX inline void block_at(const PackedArgs& a, int64_t t, int64_t t1, int64_t r, int m0, int m1, const bf16* pf,
-                             float* s) {
+PDS_AMX inline void block_at(const PackedArgs& a, int64_t t, int64_t t1, int64_t r, int m0, int m1, const char* pf,
+                             int64_t pf_step, float* s) {
   const bool two = t + 1 < t1;
   if (m1 > 0) {
-    two ? block<true, true, SILU>(a, t, r, m0, m1, pf, s) : block<true, false, false>(a, t, r, m0, m1, pf, s);
+    two ? block<true, true, SILU>(a, t, r, m0, m1, pf, pf_step, s)
+        : block<true, false, false>(a, t, r, m0, m1, pf, pf_step, s);
   } else {
-    two ? block<false, true, SILU>(a, t, r, m0, m1, pf, s) : block<false, false, false>(a, t, r, m0, m1, pf, s);
+    two ? block<false, true, SILU>(a, t, r, m0, m1, pf, pf_step, s)
+        : block<false, false, false>(a, t, r, m0, m1, pf, pf_step, s);
   }
 }
 
@@ -152,11 +156,15 @@ PDS_AMX void blocks(const PackedArgs& a, int64_t t0, int64_t t1, int64_t r_begin
   // N-tile pairs outermost: a pair's weights (2 x K x 32 bytes) come from memory once and serve
   // every row group from cache. (Row groups outermost, with the pairs in L2-sized chunks, measured
   // 15-20% slower for 256-512 rows.)
-  const int64_t KP = a.K / 2;
+  const int64_t KP = a.K / 2, ksteps = a.K / 32;
+  const int64_t groups = (r_end - r_begin + 31) / 32;
+  const int64_t pair_bytes = 2 * a.K * 32;
+  const int64_t pf_step = (pair_bytes / (groups * ksteps) + 63) / 64 * 64;  // bytes per k-step
   for (int64_t t = t0; t < t1; t += 2) {
-    // Tiles t+2 and t+3 are contiguous after t+1: k-step k of the pair is 2 KB at 2k*32 elements in.
-    const bf16* next = t + 2 < t1 ? a.w + (t + 2) * KP * 32 : nullptr;
-    for (int64_t r = r_begin; r < r_end; r += 32) block_at<SILU>(a, t, t1, r, m0, m1, r == r_begin ? next : nullptr, s);
+    // Tiles t+2 and t+3 follow t+1 contiguously: prefetched in equal shares by every k-step.
+    const char* next = t + 2 < t1 ? reinterpret_cast<const char*>(a.w + (t + 2) * KP * 32) : nullptr;
+    for (int64_t r = r_begin, gi = 0; r < r_end; r += 32, ++gi)
+      block_at<SILU>(a, t, t1, r, m0, m1, next ? next + gi * ksteps * pf_step : nullptr, pf_step, s);
   }
 }
 
