@@ -6,3 +6,13 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+# Trailing metadata on the UNAVAILABLE that ends a stream a role switch handed back to the router
+# (migrate): the worker is healthy and only leaving the role, so the router resumes the stream
+# elsewhere without marking the worker down or charging the request's failure budget.
+MOVED_METADATA = ("pdserve-moved", "1")
+
+
+def was_moved(exc) -> bool:
+    """Whether a grpc.aio.AioRpcError ended a stream that a role switch handed back."""
+    return any(k == MOVED_METADATA[0] for k, _ in (exc.trailing_metadata() or ()))

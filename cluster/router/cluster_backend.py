@@ -20,12 +20,16 @@ already streamed and continues (`resume_token_ids`; counted by the worker as
 `requests_resumed_total`): the client sees one stream, with no token lost or repeated, the same
 greedy continuation and, for seeded sampling, the same continuation (the seeded sampler's
 position is the number of tokens generated). At most `max_resumes` times per request.
+A stream that a migrating role switch handed back (UNAVAILABLE with the `pdserve-moved` trailing
+metadata, cluster/rpc.py) is resumed the same way, but it is no failure: the worker is not marked
+down, and such moves are bounded by `max_reroutes` instead.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import grpc
@@ -36,6 +40,7 @@ from cluster.router.admin import ClusterAdmin
 from cluster.router.backend import GenerationRequest, ModelInfo
 from cluster.router.policy import pick_decode, pick_prefill
 from cluster.router.pool import WorkerConn, WorkerPool
+from cluster.rpc import was_moved
 from cluster.state.prefix import prefix_block_hashes
 from cluster.state.store import Store
 from cluster.worker.convert import params_to_pb
@@ -138,16 +143,29 @@ class ClusterBackend:
                                           params=params_to_pb(request.params), epoch=epoch,
                                           resume_token_ids=resume or [])
 
-    def _may_resume(self, exc: grpc.aio.AioRpcError, conn: WorkerConn, resumes: int, tried: set[str]) -> bool:
-        """A worker failed mid-stream (it died, or its engine did): resume elsewhere from the tokens
-        the client already has, at most max_resumes times per request."""
-        if exc.code() != grpc.StatusCode.UNAVAILABLE or resumes >= self.max_resumes:
+    async def _may_resume(self, exc: grpc.aio.AioRpcError, conn: WorkerConn, resumes: Counter[str],
+                          tried: set[str]) -> bool:
+        """Resume elsewhere from the tokens the client already has when a worker failed mid-stream
+        (it died, or its engine did: at most max_resumes times per request, and the worker is
+        marked down), or when a role switch handed the stream back (`moved`: the worker is healthy
+        and already fenced, so it is neither marked down nor excluded; at most max_reroutes times)."""
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
             return False
+        moved = was_moved(exc)
+        kind, bound = ("moved", self.max_reroutes) if moved else ("failed", self.max_resumes)
+        if resumes[kind] >= bound:
+            return False
+        resumes[kind] += 1
+        self.resumes_total += 1
+        if moved:
+            logger.info("worker %s handed a stream back (%s); resuming it elsewhere", conn.info.worker_id,
+                        exc.details())
+            await self.pool.refresh(force=True)  # the registry already shows the worker fenced
+            return True
         tried.add(conn.info.worker_id)
         self.pool.mark_down(conn.info.worker_id)
-        self.resumes_total += 1
         logger.warning("worker %s failed mid-stream (%s); resuming the request elsewhere (%d/%d)",
-                       conn.info.worker_id, exc.details(), resumes + 1, self.max_resumes)
+                       conn.info.worker_id, exc.details(), resumes[kind], self.max_resumes)
         return True
 
     async def _candidates(self, role: str, exclude: set[str], waited: bool) -> list[WorkerConn]:
@@ -233,7 +251,8 @@ class ClusterBackend:
             return
         tried: set[str] = set()
         finished = False
-        attempts = resumes = 0
+        attempts = 0
+        resumes: Counter[str] = Counter()
         generated = list(resp.first.token_ids)  # what the client has: a resume continues from it
         resume = False
         while True:
@@ -249,7 +268,7 @@ class ClusterBackend:
                 decode = worker_pb2.DecodeRequest(request=self._generate_pb(request, d_conn.info.epoch),
                                                   handle=resp.handle, first_token_id=resp.first.token_ids[0])
             call = d_conn.stub.Decode(decode)
-            got_any = retry = False
+            got_any = retry = moved = False
             try:
                 async for chunk in call:
                     got_any = True
@@ -258,33 +277,41 @@ class ClusterBackend:
                     yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
-                # Nothing streamed yet and P still holds the lease: another decode worker can pull.
+                # Nothing streamed yet and P still holds the lease: another decode worker can pull
+                # (not so for a moved stream: the worker it left had pulled the KV already).
                 attempts += 1
-                retry = not got_any and await self._rerouted(d_conn, exc, tried, attempts)
-                if not retry and self._may_resume(exc, d_conn, resumes, tried):
+                moved = was_moved(exc)
+                retry = not got_any and not moved and await self._rerouted(d_conn, exc, tried, attempts)
+                if not retry and await self._may_resume(exc, d_conn, resumes, tried):
                     if not resume:
-                        self._abort_later(p_conn, rid)  # nobody pulls P's KV now: unpin it at once
+                        # Nobody pulls P's KV now: unpin it at once, and before the resumed stream
+                        # starts anywhere (P may have turned decode and be picked for it; a late
+                        # Abort of this request id would end the resumed stream there).
+                        await self._abort_now(p_conn, rid)
                     retry = resume = True
-                    resumes += 1
                 if not retry:
                     raise _error(exc, d_conn) from exc
             finally:
                 d_conn.inflight -= 1
                 if not finished:
                     call.cancel()
-                    self._abort_later(d_conn, rid)
+                    if retry and moved:  # a healthy worker: the Abort lands before the resume is sent
+                        await self._abort_now(d_conn, rid)
+                    else:
+                        self._abort_later(d_conn, rid)
                     if not retry:
                         self._abort_later(p_conn, rid)
 
     async def _colocated(self, request: GenerationRequest) -> AsyncIterator[worker_pb2.TokenChunk]:
         tried: set[str] = set()
-        attempts = resumes = 0
+        attempts = 0
+        resumes: Counter[str] = Counter()
         generated: list[int] = []
         while True:
             conn = await self._pick_prefill(request, "mixed", tried, waited=attempts > 0)
             conn.inflight += 1
             call = conn.stub.Generate(self._generate_pb(request, conn.info.epoch, generated))
-            finished = got_any = retry = False
+            finished = got_any = retry = moved = False
             try:
                 async for chunk in call:
                     got_any = True
@@ -296,10 +323,10 @@ class ClusterBackend:
                 # Nothing streamed yet (e.g. the worker's engine failed while it was queued): another
                 # mixed worker can run it from the start, as _prefill does. Mid-stream: resume there.
                 attempts += 1
-                retry = not got_any and await self._rerouted(conn, exc, tried, attempts)
-                if not retry and generated and self._may_resume(exc, conn, resumes, tried):
+                moved = was_moved(exc)
+                retry = not got_any and not moved and await self._rerouted(conn, exc, tried, attempts)
+                if not retry and (generated or moved) and await self._may_resume(exc, conn, resumes, tried):
                     retry = True
-                    resumes += 1
                 if not retry:
                     if exc.code() == grpc.StatusCode.UNAVAILABLE:
                         self.pool.mark_down(conn.info.worker_id)
@@ -308,7 +335,10 @@ class ClusterBackend:
                 conn.inflight -= 1
                 if not finished:
                     call.cancel()
-                    self._abort_later(conn, request.request_id)
+                    if retry and moved:  # a healthy worker: the Abort lands before the resume is sent
+                        await self._abort_now(conn, request.request_id)
+                    else:
+                        self._abort_later(conn, request.request_id)
 
     # ----- helpers -----
     async def _after_failure(self, conn: WorkerConn, exc: grpc.aio.AioRpcError) -> None:
@@ -318,13 +348,13 @@ class ClusterBackend:
         else:  # stale epoch or role: re-read the registry before the retry
             await self.pool.refresh(force=True)
 
-    def _abort_later(self, conn: WorkerConn, request_id: str) -> None:
-        async def abort() -> None:
-            try:
-                await conn.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=5.0)
-            except grpc.aio.AioRpcError as exc:
-                logger.info("abort of %s on %s failed: %s", request_id, conn.info.worker_id, exc.code().name)
+    async def _abort_now(self, conn: WorkerConn, request_id: str) -> None:
+        try:
+            await conn.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            logger.info("abort of %s on %s failed: %s", request_id, conn.info.worker_id, exc.code().name)
 
-        task = asyncio.get_running_loop().create_task(abort())
+    def _abort_later(self, conn: WorkerConn, request_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._abort_now(conn, request_id))
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)

@@ -37,6 +37,12 @@ class RequestMoved(RuntimeError):
     """The request was handed to another worker (`EngineLoop.hand_off`); its stream here ends."""
 
 
+class RequestAborted(RuntimeError):
+    """The request was aborted (`EngineLoop.abort`) while its stream was still being read. An
+    exception of its own, not CancelledError: a gRPC handler that let CancelledError out would end
+    without a status, leaving a caller that still listens waiting forever."""
+
+
 class _Fail:
     """A command that ends the loop as if a step had raised `exc` (a failure seen from outside)."""
 
@@ -183,7 +189,7 @@ class EngineLoop:
         engine.abort(request_id)
         sink = self._sinks.pop(request_id, None)
         if sink is not None:
-            sink.put(exc if exc is not None else asyncio.CancelledError(f"request {request_id} aborted"))
+            sink.put(exc if exc is not None else RequestAborted(f"request {request_id} was aborted"))
         return known
 
     def stop(self, timeout: float = 10.0) -> bool:

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from cluster.rpc import MOVED_METADATA
 from cluster.worker.convert import output_to_chunk, params_from_pb
-from cluster.worker.engine_loop import EngineDead, RequestMoved
+from cluster.worker.engine_loop import EngineDead, RequestAborted, RequestMoved
 from cluster.worker.roles import Kind, SwitchRefused
 from engine.sampling_params import SamplingParams
 from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
@@ -82,6 +83,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineDead as exc:
             await self._unavailable(context, exc)
+        except RequestAborted as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
         first = output_to_chunk(last, params.logprobs)
         resp = worker_pb2.PrefillResponse(first=first, prefill_seconds=time.monotonic() - t0)
         if not last.kv_held:
@@ -116,7 +119,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 except EngineDead as exc:
                     await self._unavailable(context, exc)
                 except RequestMoved as exc:  # a role switch handed it away: the router resumes it
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                    await self._moved(context, exc)
+                except RequestAborted as exc:  # an Abort for it came while someone still listened
+                    await context.abort(grpc.StatusCode.ABORTED, str(exc))
 
     async def _decode(self, request: worker_pb2.DecodeRequest, context) -> AsyncIterator[worker_pb2.TokenChunk]:
         g = request.request
@@ -156,7 +161,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise
         started = False
         try:
-            (first,) = await rt.loop.call(lambda e: e.finish_kv_import(rid))
+            try:
+                (first,) = await rt.loop.call(lambda e: e.finish_kv_import(rid))
+            except ValueError:
+                # Dropped while its KV arrived (aborted, or handed off by a migrating switch): its
+                # stream already holds the reason, and raises it.
+                started = True
+                async for out in stream:
+                    yield output_to_chunk(out, params.logprobs)
+                return
             if first.finished:
                 # The first token alone ended it here (the prefill side already streamed it).
                 yield worker_pb2.TokenChunk(finish_reason=output_to_chunk(first, None).finish_reason,
@@ -210,7 +223,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             except EngineDead as exc:
                 await self._unavailable(context, exc)
             except RequestMoved as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                await self._moved(context, exc)
+            except RequestAborted as exc:
+                await context.abort(grpc.StatusCode.ABORTED, str(exc))
+
+    async def _moved(self, ctx: grpc.aio.ServicerContext, exc: RequestMoved) -> None:
+        await ctx.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=(MOVED_METADATA,))
 
     async def _unavailable(self, ctx: grpc.aio.ServicerContext, exc: EngineDead) -> None:
         await ctx.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.rt.worker_id}: {exc}")

@@ -184,8 +184,10 @@ def test_pid_alive_treats_zombies_as_dead():
 class _Call:
     """A fake streaming gRPC call: yields `chunks`, then raises `error` if given."""
 
-    def __init__(self, chunks: list[worker_pb2.TokenChunk], error: grpc.StatusCode | None = None) -> None:
+    def __init__(self, chunks: list[worker_pb2.TokenChunk], error: grpc.StatusCode | None = None,
+                 trailing: tuple = (), details: str = "engine failed: expert-parallel rank 1 (pid 9) exited") -> None:
         self.chunks, self.error, self.cancelled = chunks, error, False
+        self.trailing, self.details = trailing, details
 
     def __aiter__(self):
         return self._gen()
@@ -194,8 +196,8 @@ class _Call:
         for c in self.chunks:
             yield c
         if self.error is not None:
-            raise grpc.aio.AioRpcError(self.error, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       details="engine failed: expert-parallel rank 1 (pid 9) exited")
+            raise grpc.aio.AioRpcError(self.error, grpc.aio.Metadata(), grpc.aio.Metadata(*self.trailing),
+                                       details=self.details)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -287,6 +289,38 @@ def test_mixed_request_that_already_streamed_is_resumed_from_its_tokens():
 
     asyncio.run(main())
     assert len(got) == 3 and backend.resumes_total == 2
+
+
+def test_a_stream_handed_back_by_a_switch_is_resumed_without_marking_the_worker_down():
+    """A migrating switch ends its streams with UNAVAILABLE + the moved metadata: the router resumes
+    each elsewhere, the worker stays routable, and moves do not use up the failure budget."""
+    from cluster.rpc import MOVED_METADATA
+
+    moved = [_Call([worker_pb2.TokenChunk(token_ids=[10 + i])], grpc.StatusCode.UNAVAILABLE, (MOVED_METADATA,),
+                   details="worker is switching from mixed to prefill: the request moves") for i in range(3)]
+    last = worker_pb2.TokenChunk(token_ids=[20], finish_reason=worker_pb2.FINISH_REASON_LENGTH)
+    backend = _backend({"a": moved[0]})
+    stub = backend.pool.conns["a"].stub
+    calls = iter([*moved, _Call([last])])
+
+    def generate(request):  # the same (healthy) worker again: each Generate gets the next call
+        stub.requests = getattr(stub, "requests", []) + [request]
+        return next(calls)
+
+    stub.Generate = generate
+
+    async def refresh(force=False):
+        pass
+
+    backend.pool.refresh = refresh
+
+    async def main():
+        return [c async for c in backend._colocated(_request())]
+
+    got = asyncio.run(main())
+    assert [list(c.token_ids) for c in got] == [[10], [11], [12], [20]]  # three moves > max_resumes (2)
+    assert [list(r.resume_token_ids) for r in stub.requests] == [[], [10], [10, 11], [10, 11, 12]]
+    assert backend.pool.conns["a"].down_until == 0.0 and backend.resumes_total == 3
 
 
 def test_a_worker_leaving_the_registry_keeps_its_channel_while_calls_are_in_flight():
