@@ -3,8 +3,8 @@ call (ops.decode_layer), with its packed weights gathered once per layer.
 
 It runs the same kernels as the per-op path (Attention, GatedMLP, RMSNorm.add_), in the same
 order and roundings, so the tokens are the same; it only removes the Python between them.
-Anything else (prefill chunks in the step, MoE layers, quantized or float32 weights, more rows
-than the packed linear takes, no kernels) keeps the per-op path.
+Projections are packed bf16 or wint4. Anything else (prefill chunks in the step, MoE layers,
+wint8 or float32 weights, more rows than the GEMVs take, no kernels) keeps the per-op path.
 """
 from __future__ import annotations
 
@@ -32,8 +32,19 @@ def per_op_path() -> Iterator[None]:
         _enabled = old
 
 
-def _plain(mod: Any) -> bool:
-    return type(mod) is Linear and mod.weight.dtype == torch.bfloat16 and mod.weight.shape[1] % 2 == 0
+def _projection(ops: Any, mod: Any, interleave: bool) -> Any | None:
+    """ops.Projection for a plain bf16 Linear (packed) or a wint4 layer (its GEMV tiles)."""
+    from engine.layers.quant import WeightOnlyInt4Linear
+
+    if type(mod) is Linear and mod.weight.dtype == torch.bfloat16 and mod.weight.shape[1] % 2 == 0:
+        return ops.Projection(w=packed_copy(mod, mod.weight, interleave=interleave), n=mod.weight.shape[0],
+                              bias=mod.bias)
+    if isinstance(mod, WeightOnlyInt4Linear) and not interleave:
+        tiles = mod._gemv_layout()
+        if tiles is not None:
+            return ops.Projection(w=tiles[0], n=mod.out_features, bias=mod.bias, group=mod.group_size,
+                                  scales=tiles[1], zeros=tiles[2])
+    return None
 
 
 def layer_weights(layer: torch.nn.Module) -> Any | None:
@@ -43,28 +54,34 @@ def layer_weights(layer: torch.nn.Module) -> Any | None:
     if not isinstance(mlp, GatedMLP) or attn.kv_cache is None:
         return None
     mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    key = tuple(getattr(m, "weight", None) for m in mods) + (attn.kv_cache,)
+    key = tuple(getattr(m, "weight", getattr(m, "weight_int4", None)) for m in mods) + (attn.kv_cache,)
     cached = layer.__dict__.get("_decode_weights")
     if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
         return cached[1]
     built = None
-    if all(_plain(m) for m in mods) and attn.kv_cache.dtype == torch.bfloat16:
-        ops = cpu_ops()
+    ops = cpu_ops()
+    if ops is not None and attn.kv_cache.dtype == torch.bfloat16:
         gu = mlp.gate_up_proj
-        fused = gu.bias is None and fused_silu_applies(gu.weight)
-        packed = [packed_copy(m, m.weight, interleave=fused and m is gu) for m in mods]
-        built = ops.DecodeLayerWeights(
-            w_qkv=packed[0], n_qkv=attn.qkv_proj.weight.shape[0], b_qkv=attn.qkv_proj.bias,
-            w_o=packed[1], n_o=attn.o_proj.weight.shape[0], b_o=attn.o_proj.bias,
-            post_norm=layer.post_attention_layernorm.weight, post_eps=layer.post_attention_layernorm.eps,
-            w_gate_up=packed[2], intermediate=mlp.intermediate_size, fused_silu=fused, b_gate_up=gu.bias,
-            w_down=packed[3], n_down=mlp.down_proj.weight.shape[0], b_down=mlp.down_proj.bias,
-            q_norm=None if attn.q_norm is None else attn.q_norm.weight,
-            k_norm=None if attn.k_norm is None else attn.k_norm.weight,
-            qk_eps=0.0 if attn.q_norm is None else attn.q_norm.eps,
-            num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, scale=attn.scale, kv_cache=attn.kv_cache)
+        fused = type(gu) is Linear and gu.bias is None and fused_silu_applies(gu.weight)
+        projs = [_projection(ops, m, interleave=fused and m is gu) for m in mods]
+        if all(p is not None for p in projs):
+            built = ops.DecodeLayerWeights(
+                qkv=projs[0], o=projs[1], gate_up=projs[2], down=projs[3], intermediate=mlp.intermediate_size,
+                fused_silu=fused, post_norm=layer.post_attention_layernorm.weight,
+                post_eps=layer.post_attention_layernorm.eps,
+                q_norm=None if attn.q_norm is None else attn.q_norm.weight,
+                k_norm=None if attn.k_norm is None else attn.k_norm.weight,
+                qk_eps=0.0 if attn.q_norm is None else attn.q_norm.eps,
+                num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, scale=attn.scale, kv_cache=attn.kv_cache)
     layer.__dict__["_decode_weights"] = (key, built)
     return built
+
+
+def _max_rows(layers: torch.nn.ModuleList) -> int:
+    from engine.layers.quant import INT4_GEMV_MAX_ROWS, WeightOnlyInt4Linear
+
+    quantized = isinstance(layers[0].self_attn.qkv_proj, WeightOnlyInt4Linear)
+    return min(gemv_max_rows(), INT4_GEMV_MAX_ROWS) if quantized else gemv_max_rows()
 
 
 def run_layers(layers: torch.nn.ModuleList, final_norm: torch.nn.Module, rope: Any, x: torch.Tensor,
@@ -72,7 +89,7 @@ def run_layers(layers: torch.nn.ModuleList, final_norm: torch.nn.Module, rope: A
     """Every layer through ops.decode_layer, or None (nothing run) where the path does not apply."""
     if not _enabled or meta.prefills or meta.decode_rows is None or x.device.type != "cpu":
         return None
-    if h.dtype != torch.bfloat16 or h.shape[0] > gemv_max_rows():
+    if h.dtype != torch.bfloat16 or h.shape[0] > _max_rows(layers):
         return None
     ops = cpu_ops()
     if ops is None:

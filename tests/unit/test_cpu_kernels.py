@@ -245,11 +245,12 @@ def test_engine_same_tokens_with_and_without_kernels(arch, tiny_checkpoint, make
     assert fast == plain
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "ernie45_moe"])
-def test_whole_layer_decode_same_tokens_as_per_op(arch, tiny_checkpoint, make_engine):
+@pytest.mark.parametrize("arch,quant", [("llama", None), ("qwen3", None), ("ernie45_moe", None), ("llama", "wint4"),
+                                        ("qwen3", "wint8")])
+def test_whole_layer_decode_same_tokens_as_per_op(arch, quant, tiny_checkpoint, make_engine):
     """bf16 decode steps through ops.decode_layer give exactly the per-op path's greedy tokens and
     logprobs (same kernels, same roundings), with prompts that prefill in chunks next to decodes;
-    the dense layers did take it, and a model with MoE layers keeps the per-op path."""
+    dense bf16 and wint4 layers did take it; MoE layers and wint8 keep the per-op path."""
     from engine.layers.layer_decode import per_op_path
 
     path = tiny_checkpoint(arch)
@@ -267,14 +268,15 @@ def test_whole_layer_decode_same_tokens_as_per_op(arch, tiny_checkpoint, make_en
                     done[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].logprobs)
         return done
 
-    fast_engine = make_engine(path, dtype="bfloat16", max_num_batched_tokens=24)
+    kw = dict(dtype="bfloat16", max_num_batched_tokens=24, quantization=quant)
+    fast_engine = make_engine(path, **kw)
     fast = run(fast_engine)
     layers = fast_engine.runner.model.layers
     built = [layer.__dict__.get("_decode_weights", (None, None))[1] for layer in layers]
     with per_op_path():
-        plain = run(make_engine(path, dtype="bfloat16", max_num_batched_tokens=24))
+        plain = run(make_engine(path, **kw))
     assert fast == plain
-    if arch == "ernie45_moe":
+    if arch == "ernie45_moe" or quant == "wint8":
         assert any(b is None for b in built)
     else:
         assert all(b is not None for b in built)

@@ -30,27 +30,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [T, 2I]", nogil());
   m.def("rope_write_kv", &rope_write_kv, "rotary (and qk-norm) in place, k/v into the paged cache", nogil());
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV, read in place", nogil());
+  py::class_<Projection>(m, "Projection")
+      .def(py::init([](torch::Tensor w, int64_t n, c10::optional<torch::Tensor> bias, int64_t group,
+                       c10::optional<torch::Tensor> scales, c10::optional<torch::Tensor> zeros) {
+             Projection p;
+             p.w = w, p.n = n, p.bias = bias, p.group = group;
+             if (group > 0) {
+               TORCH_CHECK(scales.has_value() && zeros.has_value(), "Projection: a 4-bit projection needs scales and zeros");
+               p.scales = *scales, p.zeros = *zeros;
+             }
+             return p;
+           }),
+           py::arg("w"), py::arg("n"), py::arg("bias") = py::none(), py::arg("group") = 0,
+           py::arg("scales") = py::none(), py::arg("zeros") = py::none());
   py::class_<DecodeLayerWeights>(m, "DecodeLayerWeights")
-      .def(py::init([](torch::Tensor w_qkv, int64_t n_qkv, c10::optional<torch::Tensor> b_qkv, torch::Tensor w_o,
-                       int64_t n_o, c10::optional<torch::Tensor> b_o, torch::Tensor post_norm, double post_eps,
-                       torch::Tensor w_gate_up, int64_t intermediate, bool fused_silu,
-                       c10::optional<torch::Tensor> b_gate_up, torch::Tensor w_down, int64_t n_down,
-                       c10::optional<torch::Tensor> b_down, c10::optional<torch::Tensor> q_norm,
+      .def(py::init([](Projection qkv, Projection o, Projection gate_up, Projection down, int64_t intermediate,
+                       bool fused_silu, torch::Tensor post_norm, double post_eps, c10::optional<torch::Tensor> q_norm,
                        c10::optional<torch::Tensor> k_norm, double qk_eps, int64_t num_heads, int64_t num_kv_heads,
                        double scale, torch::Tensor kv_cache) {
              DecodeLayerWeights w;
-             w.w_qkv = w_qkv, w.n_qkv = n_qkv, w.b_qkv = b_qkv, w.w_o = w_o, w.n_o = n_o, w.b_o = b_o;
-             w.post_norm = post_norm, w.post_eps = post_eps, w.w_gate_up = w_gate_up, w.intermediate = intermediate;
-             w.fused_silu = fused_silu, w.b_gate_up = b_gate_up, w.w_down = w_down, w.n_down = n_down, w.b_down = b_down;
-             w.q_norm = q_norm, w.k_norm = k_norm, w.qk_eps = qk_eps, w.num_heads = num_heads;
-             w.num_kv_heads = num_kv_heads, w.scale = scale, w.kv_cache = kv_cache;
+             w.qkv = qkv, w.o = o, w.gate_up = gate_up, w.down = down, w.intermediate = intermediate;
+             w.fused_silu = fused_silu, w.post_norm = post_norm, w.post_eps = post_eps, w.q_norm = q_norm;
+             w.k_norm = k_norm, w.qk_eps = qk_eps, w.num_heads = num_heads, w.num_kv_heads = num_kv_heads;
+             w.scale = scale, w.kv_cache = kv_cache;
              return w;
            }),
-           py::arg("w_qkv"), py::arg("n_qkv"), py::arg("b_qkv"), py::arg("w_o"), py::arg("n_o"), py::arg("b_o"),
-           py::arg("post_norm"), py::arg("post_eps"), py::arg("w_gate_up"), py::arg("intermediate"),
-           py::arg("fused_silu"), py::arg("b_gate_up"), py::arg("w_down"), py::arg("n_down"), py::arg("b_down"),
-           py::arg("q_norm"), py::arg("k_norm"), py::arg("qk_eps"), py::arg("num_heads"), py::arg("num_kv_heads"),
-           py::arg("scale"), py::arg("kv_cache"));
+           py::arg("qkv"), py::arg("o"), py::arg("gate_up"), py::arg("down"), py::arg("intermediate"),
+           py::arg("fused_silu"), py::arg("post_norm"), py::arg("post_eps"), py::arg("q_norm"), py::arg("k_norm"),
+           py::arg("qk_eps"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("scale"), py::arg("kv_cache"));
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init([](torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, bool interleaved,
                        torch::Tensor slot_blocks, torch::Tensor slot_offsets, torch::Tensor rows,

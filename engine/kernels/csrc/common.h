@@ -148,12 +148,21 @@ void paged_decode_attention(const torch::Tensor& q, const torch::Tensor& rows, c
                             double scale, torch::Tensor& out);
 std::string isa_name();
 
-// One dense layer's weights for decode_layer (layer.cpp), gathered once by the model: packed
+// One projection of decode_layer: packed bf16 (linear_packed, `group` 0) or 4-bit (linear_int4).
+struct Projection {
+  torch::Tensor w, scales, zeros;
+  c10::optional<torch::Tensor> bias;
+  int64_t n = 0, group = 0;
+  torch::Tensor operator()(const torch::Tensor& x) const;
+};
+
+// One dense layer's weights for decode_layer (layer.cpp), gathered once by the model: its four
 // projections (gate_up interleaved when `fused_silu`), norms, attention shape, its KV cache.
 struct DecodeLayerWeights {
-  torch::Tensor w_qkv, w_o, w_gate_up, w_down, post_norm, kv_cache;
-  c10::optional<torch::Tensor> b_qkv, b_o, b_gate_up, b_down, q_norm, k_norm;
-  int64_t n_qkv = 0, n_o = 0, intermediate = 0, n_down = 0, num_heads = 0, num_kv_heads = 0;
+  Projection qkv, o, gate_up, down;
+  torch::Tensor post_norm, kv_cache;
+  c10::optional<torch::Tensor> q_norm, k_norm;
+  int64_t intermediate = 0, num_heads = 0, num_kv_heads = 0;
   double post_eps = 1e-6, qk_eps = 0.0, scale = 1.0;
   bool fused_silu = false;
 };

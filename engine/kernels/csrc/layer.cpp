@@ -7,18 +7,21 @@
 
 namespace pdk {
 
+torch::Tensor Projection::operator()(const torch::Tensor& x) const {
+  return group > 0 ? linear_int4(x, w, scales, zeros, n, group, bias) : linear_packed(x, w, n, bias);
+}
+
 torch::Tensor decode_layer(const DecodeLayerWeights& w, const DecodeStep& s, torch::Tensor& x, const torch::Tensor& h,
                            const torch::Tensor& next_norm, double next_eps, bool next_bf16) {
-  auto qkv = linear_packed(h, w.w_qkv, w.n_qkv, w.b_qkv);
+  auto qkv = w.qkv(h);
   torch::Tensor cache = w.kv_cache;
   rope_write_kv(qkv, s.positions, s.cos, s.sin, s.interleaved, w.num_heads, w.num_kv_heads, cache, s.slot_blocks,
                 s.slot_offsets, w.q_norm, w.k_norm, w.qk_eps);
   auto attn = torch::empty({qkv.size(0), w.num_heads * cache.size(4)}, qkv.options());
   paged_decode_attention(qkv, s.rows, cache, s.block_table, s.lens, w.num_heads, w.scale, attn);
-  auto h2 = add_rms_norm(x, linear_packed(attn, w.w_o, w.n_o, w.b_o), w.post_norm, w.post_eps, true);
-  auto m = w.fused_silu ? linear_packed_silu(h2, w.w_gate_up, w.intermediate)
-                        : silu_mul(linear_packed(h2, w.w_gate_up, 2 * w.intermediate, w.b_gate_up));
-  return add_rms_norm(x, linear_packed(m, w.w_down, w.n_down, w.b_down), next_norm, next_eps, next_bf16);
+  auto h2 = add_rms_norm(x, w.o(attn), w.post_norm, w.post_eps, true);
+  auto m = w.fused_silu ? linear_packed_silu(h2, w.gate_up.w, w.intermediate) : silu_mul(w.gate_up(h2));
+  return add_rms_norm(x, w.down(m), next_norm, next_eps, next_bf16);
 }
 
 }  // namespace pdk
