@@ -12,7 +12,11 @@ process, the planner reads their p90 (a histogram's buckets are too coarse and n
 Planner series: `pdserve:planner_decisions_total{to}` (switches it asked for and a worker
 started), `pdserve:planner_leader` (1 while this router holds the planner lease). From the
 workers: `pdserve:role_switches_total{worker,from,to}` (completed switches by direction) and
-`pdserve:num_workers{role}` (workers per role among those that answered the scrape).
+`pdserve:num_workers{role}` (workers per role among those that answered the scrape),
+`pdserve:role_switch_phase_seconds{worker,phase}` (a histogram per switch phase, and fence -> ready
+as `total`, kept by each worker's RoleMachine) and `pdserve:sequences_migrated_total{worker,role}`
+(running sequences handed to other workers by migrating switches; the target's
+`pdserve:requests_resumed_total` counts them in).
 
 `pdserve:request_queue_time_seconds` is an approximation: the Backend protocol does not report
 how long a request waited inside a worker, so it is the router-side time from arrival until the
@@ -29,7 +33,8 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from pdserve.v1 import worker_pb2
 
@@ -74,6 +79,8 @@ _WORKER_COUNTERS = (
     ("pdserve:kv_blocks_served", "kv_blocks_served_total", "KV blocks this worker sent over gRPC."),
     ("pdserve:requests_resumed", "requests_resumed_total",
      "Requests the worker resumed from another worker's generated tokens (KV recomputed)."),
+    ("pdserve:sequences_migrated", "sequences_migrated_total",
+     "Running sequences the worker handed to other workers in migrating role switches."),
 )
 
 
@@ -96,6 +103,10 @@ class WorkerStatsCollector:
                                     labels=["role"])
         switches = CounterMetricFamily("pdserve:role_switches", "Completed role switches of the worker, by "
                                        "direction.", labels=["worker", "from", "to"])
+        phases = HistogramMetricFamily("pdserve:role_switch_phase_seconds", "How long the worker's role-switch "
+                                       "phases lasted (fenced, draining, migrating, switching, rolling_back; fence "
+                                       "to ready as total, or total_rolled_back for undone switches).",
+                                       labels=["worker", "phase"])
         per_role = {role: 0 for role in ("prefill", "decode", "mixed")}
         # A counter (monotonic since the worker loaded, reset when it restarts), one series per expert.
         experts = CounterMetricFamily("pdserve:expert_tokens", "Tokens routed to each expert of each MoE layer "
@@ -115,6 +126,8 @@ class WorkerStatsCollector:
             for c in s.role_switch_counts:
                 switches.add_metric([s.worker_id, ROLE_NAMES.get(c.from_role, "unspecified"),
                                      ROLE_NAMES.get(c.to_role, "unspecified")], float(c.count))
+            for h in s.role_switch_phase_seconds:
+                phases.add_metric([s.worker_id, h.phase], _cumulative(h), sum_value=h.sum)
             for load in s.expert_load:
                 for expert, tokens in enumerate(load.tokens):
                     experts.add_metric(key + [str(load.layer), str(expert)], float(tokens))
@@ -126,7 +139,14 @@ class WorkerStatsCollector:
         yield role_g
         yield count_g
         yield switches
+        yield phases
         yield experts
+
+
+def _cumulative(h: worker_pb2.PhaseHistogram) -> list[tuple[str, float]]:
+    """Prometheus buckets (le, cumulative count) from a worker's per-bucket counts."""
+    bounds = [*h.upper_bounds, math.inf]
+    return [(floatToGoString(b), float(sum(h.bucket_counts[: i + 1]))) for i, b in enumerate(bounds)]
 
 
 class BackendCountersCollector:

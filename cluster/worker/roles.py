@@ -35,6 +35,9 @@ _NEXT: dict[str, frozenset[str]] = {
     "rolling_back": frozenset({"ready", "failed"}),
 }
 HISTORY = 32
+# Upper bounds (seconds) of the phase-duration histogram buckets; the last bucket is +Inf.
+PHASE_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                                    60.0, 120.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,24 @@ class PhaseEvent:
     epoch: int
     target_role: Role | None = None
     note: str = ""
+
+
+class PhaseDurations:
+    """Cumulative histograms of how long each switch phase lasted (fence -> ready as `total`),
+    kept since the worker started: the history holds only the recent phases."""
+
+    def __init__(self, buckets: tuple[float, ...] = PHASE_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts: dict[str, list[int]] = {}  # phase -> observations per bucket (not cumulative), +Inf last
+        self.sums: dict[str, float] = {}
+
+    def observe(self, phase: str, seconds: float) -> None:
+        counts = self.counts.setdefault(phase, [0] * (len(self.buckets) + 1))
+        counts[next((i for i, b in enumerate(self.buckets) if seconds <= b), len(self.buckets))] += 1
+        self.sums[phase] = self.sums.get(phase, 0.0) + seconds
+
+    def count(self, phase: str) -> int:
+        return sum(self.counts.get(phase, ()))
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,8 @@ class RoleMachine:
         self.switch_counts: dict[tuple[Role, Role], int] = {}  # completed switches by (from, to)
         self.rollbacks_total = 0
         self.history: deque[PhaseEvent] = deque(maxlen=HISTORY)
+        self.durations = PhaseDurations()
+        self._switch_began: float | None = None
         self._record(now)
 
     # ----- reads -----
@@ -222,6 +245,17 @@ class RoleMachine:
 
     # ----- internals -----
     def _enter(self, phase: Phase, now: float, note: str = "") -> None:
+        if self._phase in SWITCHING_PHASES:  # the switch phase that ends now
+            self.durations.observe(self._phase, max(0.0, now - self.phase_since))
+        if phase == "fenced":
+            self._switch_began = now
+        elif phase not in SWITCHING_PHASES and self._switch_began is not None:
+            # fence -> ready: `total` for a completed switch, `total_rolled_back` for an undone one
+            # (back in the old role, or failed); a switch cut short by a stop is not timed.
+            kind = {"switching": "total", "rolling_back": "total_rolled_back"}.get(self._phase)
+            if kind is not None:
+                self.durations.observe(kind, max(0.0, now - self._switch_began))
+            self._switch_began = None
         self._phase = phase
         self._record(now, note)
 

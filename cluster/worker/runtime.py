@@ -221,7 +221,9 @@ class WorkerRuntime:
                               expert_parallel_size=self.ep_size, expert_load=counts,
                               role_switches_total=self.roles.switches_total,
                               role_switch_counts={(ROLE_PB[a], ROLE_PB[b]): n
-                                                  for (a, b), n in self.roles.switch_counts.items()})
+                                                  for (a, b), n in self.roles.switch_counts.items()},
+                              phase_durations=self.roles.durations,
+                              sequences_migrated_total=self.switcher.migrated_total)
 
     # ----- housekeeping -----
     async def _load(self) -> WorkerLoad:

@@ -241,3 +241,60 @@ def test_registry_follows_the_worker_and_reregistration_keeps_the_switch(session
     back = admin(session, "POST", f"/workers/{wid}/role", json={"role": "decode", "expected_epoch": w["epoch"]})
     assert back.status_code == 202
     assert wait_phase_ready(session, wid)["role"] == "decode"
+
+
+def scrape(session) -> dict[tuple[str, str, str], float]:
+    """/metrics samples by (name, worker, phase), summed over any other label (e.g. role)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{session.url}/metrics", timeout=30).text
+    out: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if "le" in s.labels:
+                continue
+            key = (s.name, s.labels.get("worker", ""), s.labels.get("phase", ""))
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def test_switch_metrics_time_each_phase_and_count_migrated_sequences(session):
+    """A migrating switch with one running stream, then a draining switch back: on /metrics the
+    worker's phase histogram gains one observation per phase it went through (fence -> ready as
+    `total`, its sum equal to what Health's history shows), and sequences_migrated_total gains the
+    one stream, which the other decode worker's requests_resumed_total counts in."""
+    client = openai.OpenAI(base_url=f"{session.url}/v1", api_key=KEY, max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+    before = scrape(session)
+    stream = iter(client.completions.create(model=model, prompt="Write a long story about a wizard.", max_tokens=300,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    next(stream)
+    busy = busy_decoder(session)
+    (other,) = [wid for wid in decode_ids(session) if wid != busy]
+    epoch = workers(session)[busy]["epoch"]
+    assert admin(session, "POST", f"/workers/{busy}/role",
+                 json={"role": "prefill", "expected_epoch": epoch, "migrate": True}).status_code == 202
+    assert wait_phase_ready(session, busy)["role"] == "prefill"
+    assert len(list(stream)) > 0  # the stream went on elsewhere
+    assert admin(session, "POST", f"/workers/{busy}/role",
+                 json={"role": "decode", "expected_epoch": epoch + 1}).status_code == 202
+    w = wait_phase_ready(session, busy)
+    assert (w["role"], w["epoch"]) == ("decode", epoch + 2)
+    after = scrape(session)
+
+    def grew(name: str, worker: str, phase: str = "") -> float:
+        return after.get((name, worker, phase), 0.0) - before.get((name, worker, phase), 0.0)
+
+    h = "pdserve:role_switch_phase_seconds"
+    assert {p: grew(f"{h}_count", busy, p) for p in ("fenced", "migrating", "draining", "switching", "total",
+                                                     "total_rolled_back")} == \
+        {"fenced": 2, "migrating": 1, "draining": 0, "switching": 2, "total": 2, "total_rolled_back": 0}
+    history = w["history"]
+    fenced = [e["ts"] for e in history if e["phase"] == "fenced"][-2:]
+    readies = [e["ts"] for e in history if e["phase"] == "ready"][-2:]
+    assert grew(f"{h}_sum", busy, "total") == pytest.approx(sum(r - f for f, r in zip(fenced, readies)), abs=1e-6)
+    assert grew("pdserve:sequences_migrated_total", busy) == 1
+    assert grew("pdserve:sequences_migrated_total", other) == 0
+    assert grew("pdserve:requests_resumed_total", other) == 1
+    assert grew(f"{h}_count", other, "total") == 0  # the other worker did not switch
+    assert worker_leaks(session) == []

@@ -122,7 +122,9 @@ def test_twenty_switches_under_streaming_load_lose_nothing(session):
     prompts = [("chat", q) for q in CHATS] + [("completion", p) for p in COMPLETIONS]
     reference = {p: ask(client, model, p) for p in prompts}  # no switch running yet
     assert all(reference.values())
-    resumed_before = sum(s.requests_resumed_total for s in worker_stats(session).values())
+    stats0 = worker_stats(session).values()
+    resumed_before = sum(s.requests_resumed_total for s in stats0)
+    migrated_before = sum(s.sequences_migrated_total for s in stats0)
 
     stop = threading.Event()
     answers: list[tuple[tuple[str, str], str, float]] = []  # (prompt, text, when it finished)
@@ -186,9 +188,11 @@ def test_twenty_switches_under_streaming_load_lose_nothing(session):
     assert wrong == [], f"{len(wrong)} of {len(answers)} answers differ from the reference, e.g. {wrong[:2]}"
     during = sum(switching_since < t < switching_until for _, _, t in answers)
     assert during >= 2 * CLIENTS, f"only {during} requests finished while {len(done)} switches ran"
-    # Migrating switches handed running streams over, and the other decode worker resumed them.
-    resumed = sum(s.requests_resumed_total for s in worker_stats(session).values()) - resumed_before
-    assert resumed >= 1, (resumed, modes)
+    # Migrating switches handed running streams over, and other decode workers resumed each once.
+    stats = worker_stats(session).values()
+    resumed = sum(s.requests_resumed_total for s in stats) - resumed_before
+    migrated = sum(s.sequences_migrated_total for s in stats) - migrated_before
+    assert migrated >= 1 and resumed == migrated, (migrated, resumed, modes)
 
     # Epochs: +1 per switch of that worker, as the driver saw them and as the registry recorded them.
     switches_of = Counter(wid for wid, _, _ in done)

@@ -219,6 +219,31 @@ def test_role_switch_metrics_by_direction_and_workers_per_role():
     assert values['pdserve:num_workers{role="mixed"}'] == 0
 
 
+def test_switch_phase_histograms_and_migrated_sequences_per_worker():
+    m = RoleMachine("w1", "decode", now=0.0)
+    m.begin("prefill", 0, 1.0)
+    m.enter("migrating", 1.003)
+    m.enter("switching", 1.2)
+    m.complete(1.25)
+    stats = EngineStats(**{f: 0 for f in EngineStats.__dataclass_fields__})
+    metrics = RouterMetrics()
+    metrics.workers.latest = [stats_response("w1", worker_pb2.ROLE_PREFILL, 2, stats, phase_durations=m.durations,
+                                             sequences_migrated_total=3),
+                              stats_response("w2", worker_pb2.ROLE_DECODE, 1, stats)]
+    values = samples(metrics)
+    h = "pdserve:role_switch_phase_seconds"
+    assert values[f'{h}_count{{phase="migrating",worker="w1"}}'] == 1
+    assert values[f'{h}_sum{{phase="migrating",worker="w1"}}'] == pytest.approx(0.197)
+    assert values[f'{h}_bucket{{le="0.1",phase="migrating",worker="w1"}}'] == 0
+    assert values[f'{h}_bucket{{le="0.25",phase="migrating",worker="w1"}}'] == 1
+    assert values[f'{h}_bucket{{le="+Inf",phase="migrating",worker="w1"}}'] == 1
+    assert values[f'{h}_bucket{{le="0.005",phase="fenced",worker="w1"}}'] == 1
+    assert values[f'{h}_sum{{phase="total",worker="w1"}}'] == pytest.approx(0.25)
+    assert not any(k.startswith(h) and 'worker="w2"' in k for k in values)  # no switch, no series
+    assert values['pdserve:sequences_migrated_total{role="prefill",worker="w1"}'] == 3
+    assert values['pdserve:sequences_migrated_total{role="decode",worker="w2"}'] == 0
+
+
 def test_planner_settings_from_yaml_and_their_checks(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("planner:\n  enabled: true\n  slo_ttft_ms: 800\n  hysteresis: 2\n")

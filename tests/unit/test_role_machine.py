@@ -156,3 +156,26 @@ def test_history_is_bounded():
         m.enter("switching", i + 0.5)
         m.complete(i + 0.9)
     assert m.epoch == 41 and len(m.history) == 32 and m.switches_total == 40
+
+
+def test_phase_durations_are_kept_per_phase_with_fence_to_ready_as_total():
+    m = machine("decode")
+    m.begin("prefill", 0, now=10.0)
+    m.enter("migrating", 10.002)
+    m.enter("switching", 12.0)
+    m.complete(12.004)
+    m.begin("decode", 0, now=20.0)
+    m.enter("draining", 20.0)
+    m.rollback("drain timed out", now=80.0)
+    m.rolled_back(True, now=80.05)
+    d = m.durations
+    assert {p: d.count(p) for p in d.counts} == {"fenced": 2, "migrating": 1, "draining": 1, "switching": 1,
+                                                 "rolling_back": 1, "total": 1, "total_rolled_back": 1}
+    assert d.sums["total"] == pytest.approx(2.004) and d.sums["draining"] == pytest.approx(60.0)
+    assert d.sums["total_rolled_back"] == pytest.approx(60.05)
+    # Bucketed by upper bound: 2 ms lands in the 5 ms bucket, ~2 s in the 2.5 s one, 60 s in the 60 s one.
+    assert d.counts["fenced"][d.buckets.index(0.005)] == 1 and d.counts["migrating"][d.buckets.index(2.5)] == 1
+    assert d.counts["draining"][d.buckets.index(60.0)] == 1
+    assert m.begin("decode", 0, now=90.0)
+    m.stop(now=91.0)  # a switch cut short by a stop: its phase is timed, the switch as a whole is not
+    assert d.count("fenced") == 3 and d.count("total") == 1 and d.count("total_rolled_back") == 1
