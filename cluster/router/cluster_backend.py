@@ -11,8 +11,9 @@ the worker failed before streaming anything).
 
 Role switches: a worker whose epoch moved on, or that is mid-switch, refuses with
 FAILED_PRECONDITION; the router re-reads the registry and re-routes, up to `max_reroutes` times
-per step (however many switches happen meanwhile), and waits up to `reroute_wait_s` for a worker
-of the needed role when every candidate is switching. The client sees none of it.
+per step (however many switches happen meanwhile) with a short back-off (a worker refuses from the
+moment it fences, a few ms before the registry shows it), and waits up to `reroute_wait_s` for a
+worker of the needed role when every candidate is switching. The client sees none of it.
 
 Resume (Dynamo's "request migration"): a decode or mixed worker that fails mid-stream (it died,
 or its engine did: UNAVAILABLE) is replaced by another one that recomputes prompt + the tokens
@@ -168,20 +169,20 @@ class ClusterBackend:
                        conn.info.worker_id, exc.details(), resumes[kind], self.max_resumes)
         return True
 
-    async def _candidates(self, role: str, exclude: set[str], waited: bool) -> list[WorkerConn]:
-        """Ready workers of `role` not in `exclude`; after a re-route (`waited`), waits a while for
-        one when the only candidates are mid-switch."""
+    async def _candidates(self, role: str, exclude: set[str]) -> list[WorkerConn]:
+        """Ready workers of `role` not in `exclude`. With none, the view is re-read at once (it may
+        predate a switch that just ended) and, while some worker is mid-switch, again for up to
+        `reroute_wait_s`: a switch never turns into a 503 for the requests that meet it."""
         conns = [c for c in self.pool.ready(role) if c.info.worker_id not in exclude]
-        if conns or not waited:
+        if conns:
             return conns
         deadline = time.monotonic() + self.reroute_wait_s
-        while time.monotonic() < deadline and self.pool.switching():
-            await asyncio.sleep(0.1)
+        while True:
             await self.pool.refresh(force=True)
             conns = [c for c in self.pool.ready(role) if c.info.worker_id not in exclude]
-            if conns:
-                break
-        return conns
+            if conns or time.monotonic() >= deadline or not self.pool.switching():
+                return conns
+            await asyncio.sleep(0.05)
 
     async def _rerouted(self, conn: WorkerConn, exc: grpc.aio.AioRpcError, tried: set[str], attempts: int) -> bool:
         """Whether to try the step again after `exc` (and on which view): UNAVAILABLE excludes the
@@ -193,6 +194,10 @@ class ClusterBackend:
                 return False  # a KV layout mismatch does not go away by re-routing to the same pair
             self.reroutes_total += 1
             logger.info("worker %s refused (%s); re-routing", conn.info.worker_id, exc.details())
+            # A worker refuses from the moment it fences, a few ms before the registry says so:
+            # back off (5 ms, doubling, at most 0.2 s) so the re-reads see it rather than the
+            # re-routes running out on the same worker.
+            await asyncio.sleep(min(0.2, 0.005 * 2 ** (attempts - 1)))
             await self.pool.refresh(force=True)
             return True
         if code == grpc.StatusCode.UNAVAILABLE and conn.info.worker_id not in tried:
@@ -201,9 +206,8 @@ class ClusterBackend:
             return True
         return False
 
-    async def _pick_prefill(self, request: GenerationRequest, role: str, exclude: set[str],
-                            waited: bool = False) -> WorkerConn:
-        conns = await self._candidates(role, exclude, waited)
+    async def _pick_prefill(self, request: GenerationRequest, role: str, exclude: set[str]) -> WorkerConn:
+        conns = await self._candidates(role, exclude)
         if not conns:
             raise NoWorkerError(self._missing())
         hashes = prefix_block_hashes(list(request.prompt_token_ids), self.block_size)
@@ -212,9 +216,8 @@ class ClusterBackend:
         view = pick_prefill([c.view() for c in conns], overlap, prompt_blocks, self.block_size)
         return self.pool.conns[view.worker_id]
 
-    async def _pick_decode(self, request: GenerationRequest, exclude: set[str], prefill: WorkerConn,
-                           waited: bool = False) -> WorkerConn:
-        ready = await self._candidates("decode", exclude, waited)
+    async def _pick_decode(self, request: GenerationRequest, exclude: set[str], prefill: WorkerConn) -> WorkerConn:
+        ready = await self._candidates("decode", exclude)
         # KV only moves between identical layouts (the handshake enforces it; skip the doomed pairs).
         conns = [c for c in ready if c.info.layout_hash == prefill.info.layout_hash]
         if not conns:
@@ -229,7 +232,7 @@ class ClusterBackend:
         tried: set[str] = set()
         attempts = 0
         while True:
-            conn = await self._pick_prefill(request, "prefill", tried, waited=attempts > 0)
+            conn = await self._pick_prefill(request, "prefill", tried)
             conn.inflight += 1
             try:
                 resp = await conn.stub.Prefill(self._generate_pb(request, conn.info.epoch),
@@ -257,7 +260,7 @@ class ClusterBackend:
         resume = False
         while True:
             try:
-                d_conn = await self._pick_decode(request, tried, p_conn, waited=attempts > 0)
+                d_conn = await self._pick_decode(request, tried, p_conn)
             except NoWorkerError:
                 self._abort_later(p_conn, rid)  # nobody will pull: unpin now rather than at lease expiry
                 raise
@@ -308,7 +311,7 @@ class ClusterBackend:
         resumes: Counter[str] = Counter()
         generated: list[int] = []
         while True:
-            conn = await self._pick_prefill(request, "mixed", tried, waited=attempts > 0)
+            conn = await self._pick_prefill(request, "mixed", tried)
             conn.inflight += 1
             call = conn.stub.Generate(self._generate_pb(request, conn.info.epoch, generated))
             finished = got_any = retry = moved = False

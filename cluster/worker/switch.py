@@ -85,12 +85,14 @@ class RoleSwitcher:
             lost = m.lost_kinds()
             streams = self.admission.running(lost & STREAMING_KINDS) if migrate else []
             if streams:
+                # The fence is published already (routers pick other workers): hand off at once, so
+                # the migrating phase starts when the streams leave; then show the phase.
                 m.enter("migrating", time.time())
-                await self._publish()
                 reason = f"worker {m.worker_id} is switching from {old} to {m.target_role}: the request moves"
                 for rid in streams:
                     self.migrated_total += await self._hand_off(rid, reason)
                 logger.info("worker %s: handed %d running request(s) to other workers", m.worker_id, len(streams))
+                await self._publish()
             busy = self.admission.inflight(lost)
             if busy:
                 if m.phase == "fenced":
