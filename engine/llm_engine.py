@@ -4,7 +4,9 @@ A step is: schedule -> execute -> update computed tokens -> sample -> detokenize
 The KV seam for disaggregation lives here too: a request added with `hold_kv=True` stops after
 its first token and keeps its blocks pinned until `release_kv`; `add_prefilled_request` allocates
 blocks on another engine, the caller writes the exported KV into them, and `finish_kv_import`
-lets the request continue decoding from its first token.
+lets the request continue decoding from its first token. A running request moves the same way
+(live migration): `hold_running_kv` pins it mid-generation, `add_migrated_request` and
+`finish_migrated_import` take it in on the other engine.
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ class LLMEngine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self._migrated_cached: dict[str, int] = {}  # migrated request -> blocks its import reused
 
     @classmethod
     def from_args(
@@ -242,6 +245,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request in any state and free its blocks. Unknown ids are ignored."""
+        self._migrated_cached.pop(request_id, None)
         for child_id in self.children.pop(request_id, []):
             req = self.requests.pop(child_id, None)
             self.detokenizers.pop(child_id, None)
@@ -406,6 +410,55 @@ class LLMEngine:
         self.generation_tokens_total -= 1  # sampled (and counted) by the prefill engine
         return self._snapshots([req])
 
+    # ----- KV seam: moving a running request (live migration) -----
+    def hold_running_kv(self, request_id: str) -> int:
+        """Stop a decoding request here to move it, KV and all, to another engine: it leaves the
+        scheduler with its blocks pinned (HOLDING_KV, then `held_kv_blocks` / `export_kv` /
+        `release_kv` as for a prefilled prompt). Returns the tokens whose KV the blocks hold:
+        prompt + generated - 1 (the last sampled token's KV is computed where it continues).
+        ValueError unless it is running one sequence between decode steps (e.g. mid-prefill or
+        preempted: resume it by recompute instead)."""
+        req = self.requests.get(request_id)
+        if (req is None or req.parent_id != request_id or req.status is not RequestStatus.RUNNING
+                or not req.output_token_ids or req.num_computed_tokens != req.num_tokens - 1):
+            raise ValueError(f"request {request_id!r} is not a running single sequence between decode steps")
+        self.scheduler.finish(req, RequestStatus.HOLDING_KV)
+        self.detokenizers.pop(request_id, None)
+        return req.num_computed_tokens
+
+    def add_migrated_request(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
+                             params: SamplingParams | None = None) -> KVImport:
+        """Allocate blocks for a request moved here mid-generation (see `hold_running_kv`): its
+        output so far counts as output (as with `add_request(resume=...)`), and the KV of every
+        token but the last is to be written into the blocks (those this engine's prefix cache
+        already holds are reused). Then `import_kv`, and `finish_migrated_import`."""
+        (req,) = self._make_requests(request_id, list(prompt_token_ids), params, hold_kv=False,
+                                     resume=output_token_ids)
+        if not req.output_token_ids:
+            raise ValueError(f"a migrated request needs its generated tokens (request {request_id!r})")
+        num_kv = req.num_tokens - 1
+        cached, hashes = self.block_manager.lookup_prefix(req.all_token_ids)
+        if not self.block_manager.allocate(req, num_kv, cached, hashes):
+            raise MemoryError(f"no KV blocks free for {num_kv} tokens of request {request_id!r}")
+        self.block_manager.record_prefix_lookup(req.num_tokens, len(cached))
+        req.num_cached_tokens = min(len(cached) * self.block_manager.block_size, req.num_prompt_tokens)
+        req.status = RequestStatus.WAITING_FOR_KV
+        self._register(request_id, [req])
+        self._migrated_cached[request_id] = len(cached)
+        return KVImport(tuple(req.block_ids), len(cached))
+
+    def finish_migrated_import(self, request_id: str) -> None:
+        """The moved request's KV is in place: it runs on from its last token (the next step
+        computes that token's KV and samples the one after it, as the first engine would have)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.WAITING_FOR_KV or request_id not in self._migrated_cached:
+            raise ValueError(f"request {request_id!r} is not a migrated request waiting for KV")
+        cached = self._migrated_cached.pop(request_id)
+        self.runner.sync_blocks(list(req.block_ids[cached:]))
+        req.num_computed_tokens = req.num_tokens - 1
+        self.block_manager.cache_full_blocks(req)
+        self.scheduler.add_running(req)
+
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [n, vocab] at every position of a token sequence (for perplexity / quality checks).
 
@@ -434,6 +487,8 @@ class LLMEngine:
         problems = []
         if self.requests:
             problems.append(f"requests still tracked: {sorted(self.requests)}")
+        if self._migrated_cached:
+            problems.append(f"migrated imports never finished: {sorted(self._migrated_cached)}")
         if self.scheduler.waiting or self.scheduler.running:
             problems.append(f"queues not empty: waiting={len(self.scheduler.waiting)} running={len(self.scheduler.running)}")
         used = [b for b, c in enumerate(self.block_manager.ref_counts) if c]

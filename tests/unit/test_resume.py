@@ -94,3 +94,72 @@ def test_bad_resumes_are_refused(tiny_checkpoint, make_engine):
     with pytest.raises(ValueError, match="max_model_len"):
         eng.add_request("d", PROMPT, SamplingParams(max_tokens=40), resume=[5] * 27)
     assert not eng.has_unfinished_requests()
+
+
+def _step_until(engine: LLMEngine, rid: str, k: int) -> list[int]:
+    """Step until `rid` has generated k tokens; returns them."""
+    while True:
+        engine.step()
+        req = engine.requests[rid]
+        if req.num_output_tokens >= k:
+            assert req.num_output_tokens == k
+            return list(req.output_token_ids)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True),
+    SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=14, ignore_eos=True, repetition_penalty=1.3,
+                   frequency_penalty=0.5, presence_penalty=0.2, min_tokens=10, logprobs=2),
+], ids=["greedy", "seeded-penalties"])
+@pytest.mark.parametrize("k", [1, 5])
+def test_running_request_moved_with_its_kv_continues_exactly(tiny_checkpoint, make_engine, params, k):
+    """Live migration at the engine seam: the source pins the running request's KV (prompt +
+    generated - 1 tokens), the target takes the blocks and the tokens and samples exactly what the
+    source would have; the source's blocks are free after release."""
+    path = tiny_checkpoint("llama")
+    full, _, full_lp, _ = stream(make_engine(path), "ref", PROMPT, params)
+    src, dst = make_engine(path), make_engine(path)
+    src.add_request("m", PROMPT, params)
+    other = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    src.add_request("bystander", PROMPT[:9], other)  # in the same batch; it must not notice
+    head = _step_until(src, "m", k)
+    assert head == full[:k]
+    num_kv = src.hold_running_kv("m")
+    assert num_kv == len(PROMPT) + k - 1 and src.stats().num_holding_kv == 1
+    data = src.export_kv("m")
+    imp = dst.add_migrated_request("m", PROMPT, head, params)
+    dst.import_kv("m", data[:, imp.num_cached_blocks:], start_block=imp.num_cached_blocks)
+    dst.finish_migrated_import("m")
+    src.release_kv("m")
+    while src.has_unfinished_requests():
+        src.step()
+    rest, rest_lp = [], []
+    while dst.has_unfinished_requests():
+        for out in dst.step():
+            c = out.outputs[0]
+            rest += c.new_token_ids
+            if c.logprobs is not None and c.new_token_ids:
+                rest_lp += c.logprobs[len(c.logprobs) - len(c.new_token_ids):]
+    assert head + rest == full
+    if params.logprobs is not None:
+        for a, b in zip(full_lp[k:], rest_lp):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+
+
+def test_only_a_request_between_decode_steps_can_be_held_for_moving(tiny_checkpoint, make_engine):
+    eng = make_engine(tiny_checkpoint("llama"))
+    p = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    eng.add_request("w", PROMPT, p)
+    with pytest.raises(ValueError, match="between decode steps"):
+        eng.hold_running_kv("w")  # waiting: no KV yet
+    with pytest.raises(ValueError, match="between decode steps"):
+        eng.hold_running_kv("nope")
+    with pytest.raises(ValueError, match="generated tokens"):
+        eng.add_migrated_request("x", PROMPT, [], p)
+    with pytest.raises(ValueError, match="not a migrated request"):
+        eng.finish_migrated_import("w")
+    imp = eng.add_migrated_request("y", PROMPT, [5, 6], p)
+    assert len(imp.block_ids) == -(-(len(PROMPT) + 1) // 16)
+    eng.abort("y")  # an import given up frees its blocks
+    while eng.has_unfinished_requests():
+        eng.step()
