@@ -7,10 +7,13 @@ unix time it entered each phase) and from the client's receive times (time.time(
 - switch latency: the worker's `fenced` -> `ready`, and the phases in between;
 - per-sequence migration time: the worker entering `migrating` (the moment it hands its streams
   back) -> the client receiving the first token resumed on the target worker (the chunk that ends
-  the stream's longest gap after that moment): the router's resume, the target recomputing
-  prompt + generated tokens, its first decode step, and the way back; the seam column is that
+  the stream's longest gap after that moment): the router's resume, the target pulling the
+  sequence's KV from the source (`migrate_kv`, the default) or recomputing prompt + generated
+  tokens (`--kv recompute`), its first decode step, and the way back; the seam column is that
   gap as the client sees it (last token from the source -> first from the target), beside the
-  stream's median inter-token gap.
+  stream's median inter-token gap. Both ways run by default, each on a fresh cluster; the
+  workers' own counters (sequences_migrated_in_total, migration_recompute_total) are printed to
+  show which way each run's sequences went.
 
 To put the measured streams on one decode worker (D1), the other (D2) is switched to prefill while
 they start and back to decode before D1 leaves; those idle switches are timed too. Streams are
@@ -60,6 +63,11 @@ class Cluster:
 
         self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
         self.model = self.client.models.list().data[0].id
+
+    def counter(self, name: str) -> float:
+        """Sum over workers of a /metrics counter."""
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
     def worker(self, wid: str) -> dict:
         return self.http.get(f"{self.url}/admin/workers/{wid}").json()
@@ -174,30 +182,45 @@ def main() -> None:
     ap.add_argument("--kv-transport", choices=["nixl", "grpc"], default="nixl")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv", choices=["move", "recompute", "both"], default="both",
+                    help="migrated sequences take their KV along (migrate_kv), are recomputed, or one run of each")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     engine = EngineArgs(dtype=args.dtype, num_kv_blocks=1024, max_model_len=4096)
-    config = ClusterConfig(engine=engine, prefill=1, decode=2, port=0, kv_transport=args.kv_transport,
-                           admin_api_keys=(ADMIN,))
-    session = ServeSession(config)
-    rng = np.random.default_rng(args.seed)
+    modes = ["move", "recompute"] if args.kv == "both" else [args.kv]
     rows = []
-    try:
-        c = Cluster(session.start())
-        d1, d2 = sorted(w for w, r in c.ids().items() if r == "decode")
-        # Warm-up: one short stream through P and D1 (first-use costs stay out of the figures).
-        scenario(c, d1, d2, rng, 1, 32, 8, 2, migrate=False)
-        n, plen, tok = args.streams, args.stream_prompt_len, args.stream_tokens
-        rows.append(scenario(c, d1, d2, rng, n, plen, tok, args.before_switch, migrate=False))
-        rows.append(scenario(c, d1, d2, rng, n, plen, tok, args.before_switch, migrate=True))
-        for ctx in args.contexts:
-            rows.append(scenario(c, d1, d2, rng, 1, ctx - args.before_switch, 32, args.before_switch, migrate=True))
-    finally:
-        session.stop()
+    counts: dict[str, dict[str, float]] = {}
+    for kv in modes:
+        config = ClusterConfig(engine=engine, prefill=1, decode=2, port=0, kv_transport=args.kv_transport,
+                               admin_api_keys=(ADMIN,), migrate_kv=kv == "move")
+        session = ServeSession(config)
+        rng = np.random.default_rng(args.seed)
+        try:
+            c = Cluster(session.start())
+            d1, d2 = sorted(w for w, r in c.ids().items() if r == "decode")
+            # Warm-up: one short stream through P and D1 (first-use costs stay out of the figures).
+            scenario(c, d1, d2, rng, 1, 32, 8, 2, migrate=False)
+            n, plen, tok = args.streams, args.stream_prompt_len, args.stream_tokens
+            if kv == modes[0]:
+                rows.append(scenario(c, d1, d2, rng, n, plen, tok, args.before_switch, migrate=False))
+            found = [scenario(c, d1, d2, rng, n, plen, tok, args.before_switch, migrate=True)]
+            for ctx in args.contexts:
+                found.append(scenario(c, d1, d2, rng, 1, ctx - args.before_switch, 32, args.before_switch,
+                                      migrate=True))
+            for r in found:
+                r["mode"] = f"migrate ({'KV moved' if kv == 'move' else 'recomputed'})"
+            rows += found
+            counts[kv] = {k: c.counter(f"pdserve:{k}_total") for k in
+                          ("sequences_migrated", "sequences_migrated_in", "migration_recompute", "requests_resumed")}
+        finally:
+            session.stop()
     idle = [ms for r in rows for ms in r["idle"]]
     print(f"\n1 prefill + 2 decode workers x 1 thread, {args.dtype} default model, KV over {args.kv_transport}; "
           f"streams: random token prompts, greedy, ignore_eos; the switch lands when each has "
-          f"{args.before_switch} tokens\n")
+          f"{args.before_switch} tokens")
+    for kv, cs in counts.items():
+        print(f"run '{kv}': " + ", ".join(f"{k} {v:.0f}" for k, v in cs.items()))
+    print()
     print("| switch (D1 decode -> prefill) | streams on D1 | context at switch (tokens) | fence -> ready ms "
           "| phases ms | hand-off -> first resumed token ms | seam gap ms (median ITL) |")
     print("|---|---|---|---|---|---|---|")

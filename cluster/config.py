@@ -57,6 +57,8 @@ class WorkerSpec(_Strict):
     kv_failure_policy: Literal["fail", "recompute"] = "fail"
     kv_lease_seconds: float = Field(30.0, gt=0)
     kv_timeout_seconds: float = Field(10.0, gt=0)
+    migrate_kv: bool = Field(True, description="a migrating role switch moves each running sequence's KV to the "
+                             "target (pulled over the KV transport); false: the target recomputes it")
     heartbeat_seconds: float = Field(1.0, gt=0)
     registry_ttl_seconds: float = Field(10.0, gt=0)
     drain_timeout_seconds: float = Field(
@@ -149,6 +151,8 @@ class ClusterConfig(_Strict):
     kv_transport: Literal["nixl", "grpc"] = "nixl"
     kv_failure_policy: Literal["fail", "recompute"] = "fail"
     kv_lease_seconds: float = Field(30.0, gt=0)
+    migrate_kv: bool = Field(True, description="a migrating role switch moves each running sequence's KV to the "
+                             "target (pulled over the KV transport); false: the target recomputes it")
     api_keys: tuple[str, ...] = Field((), repr=False)
     admin_api_keys: tuple[str, ...] = Field(
         (), repr=False, description="keys of the router's /admin API (worker list, role switches); empty = off")
@@ -198,7 +202,7 @@ class ClusterConfig(_Strict):
         return WorkerSpec(role=role, engine=engine, host=self.host, redis_url=redis_url, cluster=self.cluster,
                           kv_transport=self.kv_transport, kv_failure_policy=self.kv_failure_policy,
                           kv_lease_seconds=self.kv_lease_seconds, num_threads=self.worker_threads,
-                          drain_timeout_seconds=self.drain_timeout_seconds)
+                          drain_timeout_seconds=self.drain_timeout_seconds, migrate_kv=self.migrate_kv)
 
     def worker_specs(self, redis_url: str) -> list[WorkerSpec]:
         """Every worker to start, in start order."""

@@ -81,6 +81,10 @@ _WORKER_COUNTERS = (
      "Requests the worker resumed from another worker's generated tokens (KV recomputed)."),
     ("pdserve:sequences_migrated", "sequences_migrated_total",
      "Running sequences the worker handed to other workers in migrating role switches."),
+    ("pdserve:sequences_migrated_in", "sequences_migrated_in_total",
+     "Sequences moved to the worker mid-generation with their KV (pulled, not recomputed)."),
+    ("pdserve:migration_recompute", "migration_recompute_total",
+     "Moved sequences whose KV pull failed, recomputed on the worker instead."),
 )
 
 

@@ -20,6 +20,8 @@ class KVCounters:
     blocks_skipped_total: int = 0  # blocks the receiver already had in its prefix cache
     blocks_served_total: int = 0  # blocks streamed by PullBlocks (NIXL reads are one-sided, unseen here)
     resumed_total: int = 0  # requests resumed here from their generated tokens (KV recomputed)
+    migrated_in_total: int = 0  # requests moved here mid-generation with their KV (pulled, not recomputed)
+    migration_recompute_total: int = 0  # moved requests whose KV pull failed: recomputed here instead
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)

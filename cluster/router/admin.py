@@ -42,7 +42,8 @@ class SetRoleBody(BaseModel):
     expected_epoch: int | None = Field(None, ge=1, description="refuse (409) unless the worker is at this epoch")
     drain_timeout_s: float | None = Field(None, gt=0, description="None = the worker's default")
     migrate: bool = Field(False, description="hand running decode sequences to other workers instead of "
-                                             "waiting for them (they resume there: KV recomputed, counted)")
+                                             "waiting for them (they continue there with their KV, pulled "
+                                             "over the transport, or recomputed if that fails: counted)")
 
 
 def _error_for(exc: grpc.aio.AioRpcError, worker_id: str) -> PdserveError:

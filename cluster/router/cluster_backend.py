@@ -41,13 +41,13 @@ from cluster.router.admin import ClusterAdmin
 from cluster.router.backend import GenerationRequest, ModelInfo
 from cluster.router.policy import pick_decode, pick_prefill
 from cluster.router.pool import WorkerConn, WorkerPool
-from cluster.rpc import was_moved
+from cluster.rpc import moved_kv, was_moved
 from cluster.state.prefix import prefix_block_hashes
 from cluster.state.store import Store
 from cluster.worker.convert import params_to_pb
 from engine.config import DEFAULT_MAX_MODEL_LEN_CAP
 from engine.loader import load_config, load_tokenizer, resolve_model_path
-from pdserve.v1 import worker_pb2
+from pdserve.v1 import kv_pb2, worker_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,20 @@ def model_info(engine: EngineArgs, served_model_name: str) -> ModelInfo:
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     return ModelInfo(served_model_name, max_len, tok, eos_ids, int(time.time()))
+
+
+def _moved_handle(exc: grpc.aio.AioRpcError, num_tokens: int) -> kv_pb2.KVHandle | None:
+    """The KV handle a moved stream left, if it covers exactly the tokens the client has (prompt +
+    generated - 1: the last token's KV is computed by the next worker); else None (recompute)."""
+    raw = moved_kv(exc) if was_moved(exc) else None
+    if raw is None:
+        return None
+    handle = kv_pb2.KVHandle.FromString(raw)
+    if handle.num_tokens != num_tokens:
+        logger.warning("moved request %s left KV for %d tokens, the client has %d; recomputing it", handle.request_id,
+                       handle.num_tokens, num_tokens)
+        return None
+    return handle
 
 
 def _error(exc: grpc.aio.AioRpcError, conn: WorkerConn) -> PdserveError:
@@ -258,6 +272,7 @@ class ClusterBackend:
         resumes: Counter[str] = Counter()
         generated = list(resp.first.token_ids)  # what the client has: a resume continues from it
         resume = False
+        left_kv: kv_pb2.KVHandle | None = None  # the KV a moved stream left pinned on its worker
         while True:
             try:
                 d_conn = await self._pick_decode(request, tried, p_conn)
@@ -265,8 +280,10 @@ class ClusterBackend:
                 self._abort_later(p_conn, rid)  # nobody will pull: unpin now rather than at lease expiry
                 raise
             d_conn.inflight += 1
-            if resume:  # the KV died with the worker: the next one recomputes prompt + generated
+            if resume:  # pull the KV the moved stream left behind, or (none: the worker died) recompute it
                 decode = worker_pb2.DecodeRequest(request=self._generate_pb(request, d_conn.info.epoch, generated))
+                if left_kv is not None:
+                    decode.handle.CopyFrom(left_kv)
             else:
                 decode = worker_pb2.DecodeRequest(request=self._generate_pb(request, d_conn.info.epoch),
                                                   handle=resp.handle, first_token_id=resp.first.token_ids[0])
@@ -284,6 +301,10 @@ class ClusterBackend:
                 # (not so for a moved stream: the worker it left had pulled the KV already).
                 attempts += 1
                 moved = was_moved(exc)
+                if moved:
+                    left_kv = _moved_handle(exc, len(request.prompt_token_ids) + len(generated) - 1)
+                elif got_any:  # the stream went on past the tokens that KV covers
+                    left_kv = None
                 retry = not got_any and not moved and await self._rerouted(d_conn, exc, tried, attempts)
                 if not retry and await self._may_resume(exc, d_conn, resumes, tried):
                     if not resume:
@@ -298,7 +319,9 @@ class ClusterBackend:
                 d_conn.inflight -= 1
                 if not finished:
                     call.cancel()
-                    if retry and moved:  # a healthy worker: the Abort lands before the resume is sent
+                    if retry and moved and left_kv is not None:
+                        pass  # its KV waits there for the next worker's pull (a lease frees it otherwise)
+                    elif retry and moved:  # a healthy worker: the Abort lands before the resume is sent
                         await self._abort_now(d_conn, rid)
                     else:
                         self._abort_later(d_conn, rid)

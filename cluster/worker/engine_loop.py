@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from engine.llm_engine import LLMEngine
@@ -34,7 +35,21 @@ class EngineDead(RuntimeError):
 
 
 class RequestMoved(RuntimeError):
-    """The request was handed to another worker (`EngineLoop.hand_off`); its stream here ends."""
+    """The request was handed to another worker (`EngineLoop.hand_off`); its stream here ends.
+    `kv`: what the target needs to pull the request's KV from here (None: it recomputes)."""
+
+    def __init__(self, reason: str, kv: Any = None) -> None:
+        super().__init__(reason)
+        self.kv = kv
+
+
+@dataclass(frozen=True)
+class HeldKV:
+    """A handed-off request's KV pinned here for the target to pull: its blocks (in token order)
+    and how many tokens they hold (prompt + generated - 1)."""
+
+    block_ids: tuple[int, ...]
+    num_tokens: int
 
 
 class RequestAborted(RuntimeError):
@@ -179,10 +194,38 @@ class EngineLoop:
         """Abort without waiting (cleanup paths of cancelled tasks)."""
         self.call_nowait(lambda engine: self._abort(engine, request_id))
 
-    async def hand_off(self, request_id: str, reason: str) -> bool:
-        """Drop the request here and end its stream with RequestMoved(reason): it continues on
-        another worker (a role switch moving its sequences). True when the request was known."""
-        return await self.call(lambda engine: self._abort(engine, request_id, RequestMoved(reason)))
+    async def hand_off(self, request_id: str, reason: str,
+                       with_kv: Callable[[HeldKV], Any] | None = None) -> bool:
+        """End the request's stream here with RequestMoved(reason): it continues on another
+        worker (a role switch moving its sequences). True when the request was known.
+
+        With `with_kv`, a request between decode steps keeps its KV pinned (HOLDING_KV) and
+        `with_kv(held)`, called on the event loop, returns what RequestMoved carries for the target
+        to pull it with (a KV handle under a lease); if it raises, the KV is let go. Any other
+        request is dropped, and the target recomputes it."""
+        def take(engine: LLMEngine) -> tuple[bool, HeldKV | None, _Sink | None]:
+            if with_kv is not None:
+                try:
+                    n = engine.hold_running_kv(request_id)
+                    held = HeldKV(engine.held_kv_blocks(request_id), n)
+                    return True, held, self._sinks.pop(request_id, None)
+                except ValueError:
+                    pass
+            known = request_id in engine.children or request_id in engine.requests
+            engine.abort(request_id)
+            return known, None, self._sinks.pop(request_id, None)
+
+        known, held, sink = await self.call(take)
+        kv = None
+        if held is not None:
+            try:
+                kv = with_kv(held)
+            except Exception:  # noqa: BLE001 - the target recomputes instead
+                logger.exception("pinning the KV of %s for its move failed; it will be recomputed", request_id)
+                self.abort_nowait(request_id)
+        if sink is not None:
+            sink.put(RequestMoved(reason, kv))
+        return known
 
     def _abort(self, engine: LLMEngine, request_id: str, exc: BaseException | None = None) -> bool:
         known = request_id in engine.children or request_id in engine.requests

@@ -32,13 +32,13 @@ from cluster.rpc import GRPC_OPTIONS
 from cluster.state.prefix import prefix_block_hashes
 from cluster.state.store import Store, WorkerInfo, WorkerLoad
 from cluster.worker.admission import Admission
-from cluster.worker.engine_loop import EngineDead, EngineLoop
+from cluster.worker.engine_loop import EngineDead, EngineLoop, HeldKV
 from cluster.worker.service import ROLE_PB, WorkerServicer
 from cluster.worker.roles import RoleMachine
 from cluster.worker.stats import stats_response
 from cluster.worker.switch import RoleSwitcher
 from engine.llm_engine import LLMEngine
-from pdserve.v1 import kv_pb2_grpc, worker_pb2, worker_pb2_grpc
+from pdserve.v1 import kv_pb2, kv_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ class WorkerRuntime:
         self.admission = Admission(self.roles)
         self.switcher = RoleSwitcher(self.admission, publish=self._publish_phase, write_role=self._write_role,
                                      restore=self._restore_registration,
-                                     hand_off=lambda rid, why: self.loop.hand_off(rid, why),
+                                     hand_off=lambda rid, why: self.loop.hand_off(
+                                         rid, why, with_kv=(lambda held: self._lease_moved(rid, held))
+                                         if spec.migrate_kv else None),
                                      default_drain_s=spec.drain_timeout_seconds)
         self.ep_size = spec.engine.expert_parallel_size
         self.ep_pids: list[int] = []
@@ -193,6 +195,14 @@ class WorkerRuntime:
             await self.loop.call(release)
         except EngineDead:  # a failed engine serves nothing more: nothing to unpin
             pass
+
+    def _lease_moved(self, request_id: str, held: HeldKV) -> kv_pb2.KVHandle:
+        """A request handed off with its KV: pin the blocks under a lease (released when the target
+        has pulled them, or at expiry) and say where they are."""
+        expiry = self.leases.add(request_id, list(held.block_ids), held.num_tokens, time.time())
+        return kv_pb2.KVHandle(worker_id=self.worker_id, kv_address=self.address, request_id=request_id,
+                               block_ids=held.block_ids, num_tokens=held.num_tokens, layout_hash=self.layout.hash(),
+                               lease_expiry_unix=expiry, transport=self.spec.kv_transport)
 
     async def abort(self, request_id: str) -> bool:
         leased = self.leases.release(request_id)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from cluster.rpc import MOVED_METADATA
+from cluster.rpc import MOVED_KV_KEY, MOVED_METADATA
 from cluster.worker.convert import output_to_chunk, params_from_pb
 from cluster.worker.engine_loop import EngineDead, RequestAborted, RequestMoved
 from cluster.worker.roles import Kind, SwitchRefused
@@ -127,9 +127,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         g = request.request
         params = await self._params(context, g)
         rt, rid, handle = self.rt, g.request_id, request.handle
-        if g.resume_token_ids and not request.HasField("handle"):
-            async with contextlib.aclosing(self._resume(context, g, params)) as resumed:
-                async for chunk in resumed:
+        if g.resume_token_ids:  # moved or failed over mid-stream: with its KV (a handle) or recomputed
+            moved = self._migrated(context, request, params) if request.HasField("handle") else \
+                self._resume(context, g, params)
+            async with contextlib.aclosing(moved) as chunks:
+                async for chunk in chunks:
                     yield chunk
             return
         if handle.layout_hash != rt.layout.hash():
@@ -192,6 +194,55 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             chunk.num_prompt_tokens = len(prompt)
             yield chunk
 
+    async def _migrated(self, context, request: worker_pb2.DecodeRequest,
+                        params: SamplingParams) -> AsyncIterator[worker_pb2.TokenChunk]:
+        """Continue a request moved here mid-generation with its KV: pull the blocks the handle
+        names (prompt + generated - 1 tokens) from the worker it left, and decode on from exactly
+        where it stopped. A handle that does not fit, or a failed pull, recomputes (counted)."""
+        rt, g, handle = self.rt, request.request, request.handle
+        rid, prompt, generated = g.request_id, list(g.prompt_token_ids), list(g.resume_token_ids)
+        stream = None
+        if handle.layout_hash == rt.layout.hash() and handle.num_tokens == len(prompt) + len(generated) - 1:
+            try:
+                kv_import, stream = await rt.loop.attach(
+                    rid, lambda e: e.add_migrated_request(rid, prompt, generated, params))
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except MemoryError as exc:  # no room for its KV now: recomputing queues it instead
+                logger.warning("moved request %s: %s; recomputing it here", rid, exc)
+            if stream is not None:
+                try:
+                    await rt.receiver.fetch(handle, kv_import.block_ids, kv_import.num_cached_blocks)
+                except Exception as exc:  # noqa: BLE001 - any transfer failure: recompute instead
+                    logger.warning("KV pull of moved request %s failed (%s); recomputing it here", rid, exc)
+                    await rt.loop.abort(rid)
+                    await stream.aclose()
+                    stream = None
+                except BaseException:
+                    rt.loop.abort_nowait(rid)
+                    raise
+        else:
+            logger.warning("moved request %s came with an unusable KV handle (%d tokens, layout %s); recomputing",
+                           rid, handle.num_tokens, handle.layout_hash)
+        if stream is None:
+            rt.kv_counters.migration_recompute_total += 1
+            async with contextlib.aclosing(self._resume(context, g, params)) as resumed:
+                async for chunk in resumed:
+                    yield chunk
+            return
+        rt.kv_counters.migrated_in_total += 1
+        try:
+            try:
+                await rt.loop.call(lambda e: e.finish_migrated_import(rid))
+            except ValueError:
+                pass  # dropped while its KV arrived: the stream raises why
+            async for out in stream:
+                chunk = output_to_chunk(out, params.logprobs)
+                chunk.num_prompt_tokens = len(prompt)
+                yield chunk
+        finally:
+            await stream.aclose()
+
     async def _resume(self, context, g: worker_pb2.GenerateRequest,
                       params: SamplingParams) -> AsyncIterator[worker_pb2.TokenChunk]:
         """Continue a request another worker was streaming: recompute prompt + generated tokens here."""
@@ -228,7 +279,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await context.abort(grpc.StatusCode.ABORTED, str(exc))
 
     async def _moved(self, ctx: grpc.aio.ServicerContext, exc: RequestMoved) -> None:
-        await ctx.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=(MOVED_METADATA,))
+        metadata = [MOVED_METADATA]
+        if exc.kv is not None:  # the KV stays pinned here under a lease: the target pulls it
+            metadata.append((MOVED_KV_KEY, exc.kv.SerializeToString()))
+        await ctx.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=tuple(metadata))
 
     async def _unavailable(self, ctx: grpc.aio.ServicerContext, exc: EngineDead) -> None:
         await ctx.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.rt.worker_id}: {exc}")

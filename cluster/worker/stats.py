@@ -45,4 +45,6 @@ def stats_response(worker_id: str, role: int, epoch: int, s: EngineStats, kv=Non
         msg.kv_blocks_skipped_total = kv.blocks_skipped_total
         msg.kv_blocks_served_total = kv.blocks_served_total
         msg.requests_resumed_total = kv.resumed_total
+        msg.sequences_migrated_in_total = kv.migrated_in_total
+        msg.migration_recompute_total = kv.migration_recompute_total
     return msg

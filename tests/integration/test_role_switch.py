@@ -172,8 +172,9 @@ def test_drain_timeout_rolls_back_and_the_long_stream_is_untouched(session):
 
 
 def test_migrating_switch_hands_running_streams_over_without_a_visible_seam(session):
-    """migrate=true: the decode worker does not wait for its 300-token stream; the router resumes
-    it on the other decode worker, and the client's text equals an uninterrupted run's."""
+    """migrate=true: the decode worker does not wait for its 300-token stream; the router moves it
+    to the other decode worker (with its KV, pulled over the transport), and the client's text
+    equals an uninterrupted run's."""
     client = openai.OpenAI(base_url=f"{session.url}/v1", api_key=KEY, max_retries=0, timeout=300)
     model = client.models.list().data[0].id
     body = dict(model=model, prompt="Write a long story about a knight.", max_tokens=300, temperature=0,
@@ -181,7 +182,7 @@ def test_migrating_switch_hands_running_streams_over_without_a_visible_seam(sess
     reference = client.completions.create(**body).choices[0].text
 
     def resumed_totals() -> dict[str, int]:
-        return {k.split(":", 1)[1]: s.requests_resumed_total for k, s in worker_stats(session).items()}
+        return {k.split(":", 1)[1]: s.sequences_migrated_in_total for k, s in worker_stats(session).items()}
 
     before = resumed_totals()
     stream = iter(client.completions.create(**body, stream=True, stream_options={"include_usage": True}))
@@ -262,7 +263,7 @@ def test_switch_metrics_time_each_phase_and_count_migrated_sequences(session):
     """A migrating switch with one running stream, then a draining switch back: on /metrics the
     worker's phase histogram gains one observation per phase it went through (fence -> ready as
     `total`, its sum equal to what Health's history shows), and sequences_migrated_total gains the
-    one stream, which the other decode worker's requests_resumed_total counts in."""
+    one stream, which the other decode worker's sequences_migrated_in_total counts in."""
     client = openai.OpenAI(base_url=f"{session.url}/v1", api_key=KEY, max_retries=0, timeout=300)
     model = client.models.list().data[0].id
     before = scrape(session)
@@ -295,6 +296,7 @@ def test_switch_metrics_time_each_phase_and_count_migrated_sequences(session):
     assert grew(f"{h}_sum", busy, "total") == pytest.approx(sum(r - f for f, r in zip(fenced, readies)), abs=1e-6)
     assert grew("pdserve:sequences_migrated_total", busy) == 1
     assert grew("pdserve:sequences_migrated_total", other) == 0
-    assert grew("pdserve:requests_resumed_total", other) == 1
+    assert grew("pdserve:sequences_migrated_in_total", other) == 1
+    assert grew("pdserve:migration_recompute_total", other) == 0
     assert grew(f"{h}_count", other, "total") == 0  # the other worker did not switch
     assert worker_leaks(session) == []

@@ -123,7 +123,7 @@ def test_twenty_switches_under_streaming_load_lose_nothing(session):
     reference = {p: ask(client, model, p) for p in prompts}  # no switch running yet
     assert all(reference.values())
     stats0 = worker_stats(session).values()
-    resumed_before = sum(s.requests_resumed_total for s in stats0)
+    resumed_before = sum(s.requests_resumed_total + s.sequences_migrated_in_total for s in stats0)
     migrated_before = sum(s.sequences_migrated_total for s in stats0)
 
     stop = threading.Event()
@@ -188,9 +188,11 @@ def test_twenty_switches_under_streaming_load_lose_nothing(session):
     assert wrong == [], f"{len(wrong)} of {len(answers)} answers differ from the reference, e.g. {wrong[:2]}"
     during = sum(switching_since < t < switching_until for _, _, t in answers)
     assert during >= 2 * CLIENTS, f"only {during} requests finished while {len(done)} switches ran"
-    # Migrating switches handed running streams over, and other decode workers resumed each once.
+    # Migrating switches handed running streams over, and other decode workers took each in once,
+    # with its KV (or, a sequence not between decode steps, by recomputing it).
     stats = worker_stats(session).values()
-    resumed = sum(s.requests_resumed_total for s in stats) - resumed_before
+    resumed = sum(s.requests_resumed_total + s.sequences_migrated_in_total for s in stats) - resumed_before
+    assert sum(s.migration_recompute_total for s in stats) == 0  # no KV pull failed
     migrated = sum(s.sequences_migrated_total for s in stats) - migrated_before
     assert migrated >= 1 and resumed == migrated, (migrated, resumed, modes)
 

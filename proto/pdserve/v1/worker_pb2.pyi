@@ -203,7 +203,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "role", "epoch", "num_requests_running", "num_requests_waiting", "num_holding_kv", "num_waiting_for_kv", "num_free_blocks", "num_blocks", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_total", "generation_tokens_total", "num_preemptions", "queued_prefill_tokens", "kv_transfers_total", "kv_transfer_bytes_total", "kv_transfer_seconds_total", "kv_transfer_failures_total", "kv_lease_expired_total", "kv_recompute_total", "kv_blocks_skipped_total", "kv_blocks_served_total", "num_active_leases", "role_switches_total", "expert_parallel_size", "expert_load", "requests_resumed_total", "role_switch_counts", "role_switch_phase_seconds", "sequences_migrated_total")
+    __slots__ = ("worker_id", "role", "epoch", "num_requests_running", "num_requests_waiting", "num_holding_kv", "num_waiting_for_kv", "num_free_blocks", "num_blocks", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_total", "generation_tokens_total", "num_preemptions", "queued_prefill_tokens", "kv_transfers_total", "kv_transfer_bytes_total", "kv_transfer_seconds_total", "kv_transfer_failures_total", "kv_lease_expired_total", "kv_recompute_total", "kv_blocks_skipped_total", "kv_blocks_served_total", "num_active_leases", "role_switches_total", "expert_parallel_size", "expert_load", "requests_resumed_total", "role_switch_counts", "role_switch_phase_seconds", "sequences_migrated_total", "sequences_migrated_in_total", "migration_recompute_total")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,8 @@ class StatsResponse(_message.Message):
     ROLE_SWITCH_COUNTS_FIELD_NUMBER: _ClassVar[int]
     ROLE_SWITCH_PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_MIGRATED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_MIGRATED_IN_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_RECOMPUTE_TOTAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     epoch: int
@@ -266,7 +268,9 @@ class StatsResponse(_message.Message):
     role_switch_counts: _containers.RepeatedCompositeFieldContainer[RoleSwitchCount]
     role_switch_phase_seconds: _containers.RepeatedCompositeFieldContainer[PhaseHistogram]
     sequences_migrated_total: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_holding_kv: _Optional[int] = ..., num_waiting_for_kv: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfer_failures_total: _Optional[int] = ..., kv_lease_expired_total: _Optional[int] = ..., kv_recompute_total: _Optional[int] = ..., kv_blocks_skipped_total: _Optional[int] = ..., kv_blocks_served_total: _Optional[int] = ..., num_active_leases: _Optional[int] = ..., role_switches_total: _Optional[int] = ..., expert_parallel_size: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., requests_resumed_total: _Optional[int] = ..., role_switch_counts: _Optional[_Iterable[_Union[RoleSwitchCount, _Mapping]]] = ..., role_switch_phase_seconds: _Optional[_Iterable[_Union[PhaseHistogram, _Mapping]]] = ..., sequences_migrated_total: _Optional[int] = ...) -> None: ...
+    sequences_migrated_in_total: int
+    migration_recompute_total: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_holding_kv: _Optional[int] = ..., num_waiting_for_kv: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfer_failures_total: _Optional[int] = ..., kv_lease_expired_total: _Optional[int] = ..., kv_recompute_total: _Optional[int] = ..., kv_blocks_skipped_total: _Optional[int] = ..., kv_blocks_served_total: _Optional[int] = ..., num_active_leases: _Optional[int] = ..., role_switches_total: _Optional[int] = ..., expert_parallel_size: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., requests_resumed_total: _Optional[int] = ..., role_switch_counts: _Optional[_Iterable[_Union[RoleSwitchCount, _Mapping]]] = ..., role_switch_phase_seconds: _Optional[_Iterable[_Union[PhaseHistogram, _Mapping]]] = ..., sequences_migrated_total: _Optional[int] = ..., sequences_migrated_in_total: _Optional[int] = ..., migration_recompute_total: _Optional[int] = ...) -> None: ...
 
 class PhaseHistogram(_message.Message):
     __slots__ = ("phase", "upper_bounds", "bucket_counts", "sum")
