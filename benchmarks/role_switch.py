@@ -15,8 +15,10 @@ unix time it entered each phase) and from the client's receive times (time.time(
   workers' own counters (sequences_migrated_in_total, migration_recompute_total) are printed to
   show which way each run's sequences went.
 
-To put the measured streams on one decode worker (D1), the other (D2) is switched to prefill while
-they start and back to decode before D1 leaves; those idle switches are timed too. Streams are
+To put the measured streams on one decode worker (D1), the other (D2) is switched to mixed while
+they start (with prefill and decode workers present the router picks neither role from a mixed
+one, so D2 neither prefills nor caches their prompts) and back to decode before D1 leaves; those
+idle switches are timed too. Streams are
 random token-id prompts (fresh per run: no prefix cache helps the resume), greedy, ignore_eos.
 
     .venv/bin/python benchmarks/role_switch.py --streams 4
@@ -139,7 +141,9 @@ def seam(stream: Stream, since: float) -> tuple[float, float, float, int]:
 def scenario(c: Cluster, d1: str, d2: str, rng, n: int, prompt_len: int, max_tokens: int, before_switch: int,
              migrate: bool) -> dict:
     """N streams on D1, then D1 -> prefill (drain or migrate) while D2 is the other decode worker."""
-    idle = [c.switch(d2, "prefill")]  # the streams can only land on D1
+    # D2 out of the way while the streams start: a mixed worker is neither picked to prefill nor to
+    # decode while prefill and decode workers exist, so its prefix cache never holds their prompts.
+    idle = [c.switch(d2, "mixed")]
     streams = [Stream(rng.integers(100, 40000, prompt_len).tolist(), max_tokens) for _ in range(n)]
     threads = [c.start(s) for s in streams]
     wait_for(lambda: all(s.tokens >= before_switch or s.error for s in streams), "the streams to start")
