@@ -139,29 +139,34 @@ PDS_AVX512BF16 inline __m512 load16_bf16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Partial dot products of G bf16 query heads with one bf16 K row (nullptr: a padding slot) ->
+// slot o of pbuf [G, 8 tokens, 8 lanes], folded to 8 lanes for store_scores.
+template <int G>
+PDS_AVX512BF16 inline void score_row_bf16(const bf16* k, const bf16* qh, int64_t D, float* pbuf, int64_t o) {
+  __m512 ag[G];
+  for (int g = 0; g < G; ++g) ag[g] = _mm512_setzero_ps();
+  if (k != nullptr) {
+    for (int64_t c = 0; c < D / 32; ++c) {
+      const __m512i kv = _mm512_loadu_si512(k + c * 32);
+      for (int g = 0; g < G; ++g)
+        ag[g] = _mm512_dpbf16_ps(ag[g], (__m512bh)kv, (__m512bh)_mm512_loadu_si512(qh + g * D + c * 32));
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(ag[g]), _mm512_extractf32x8_ps(ag[g], 1));
+    _mm256_storeu_ps(pbuf + (g * 8 + o) * 8, half);
+  }
+}
+
 template <int G>
 PDS_AVX512BF16 void attn_group_bf16_avx512(const bf16* qh, float scale, const bf16* const* k_rows,
                                            const bf16* const* v_rows, int64_t L, int64_t Lp, int64_t D, float* sc,
                                            float* acc, float* pbuf) {
-  const int64_t nc = D / 32;
   for (int64_t t0 = 0; t0 < L; t0 += 8) {
     const int64_t n = std::min<int64_t>(8, L - t0);
     for (int64_t o = 0; o < 8; ++o) {
-      __m512 ag[G];
-      for (int g = 0; g < G; ++g) ag[g] = _mm512_setzero_ps();
-      if (o < n) {
-        prefetch_row(k_rows, t0 + o + kPrefetchTokens, L, D);
-        const bf16* k = k_rows[t0 + o];
-        for (int64_t c = 0; c < nc; ++c) {
-          const __m512i kv = _mm512_loadu_si512(k + c * 32);
-          for (int g = 0; g < G; ++g)
-            ag[g] = _mm512_dpbf16_ps(ag[g], (__m512bh)kv, (__m512bh)_mm512_loadu_si512(qh + g * D + c * 32));
-        }
-      }
-      for (int g = 0; g < G; ++g) {
-        const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(ag[g]), _mm512_extractf32x8_ps(ag[g], 1));
-        _mm256_storeu_ps(pbuf + (g * 8 + o) * 8, half);
-      }
+      if (o < n) prefetch_row(k_rows, t0 + o + kPrefetchTokens, L, D);
+      score_row_bf16<G>(o < n ? k_rows[t0 + o] : nullptr, qh, D, pbuf, o);
     }
     store_scores(pbuf, G, sc, Lp, t0, scale);
   }
@@ -218,7 +223,7 @@ template <int G>
 PDS_AVX512BF16 void attn_seq_bf16_avx512(const bf16* q, float scale, const bf16* cache, const int64_t* tab, int64_t L,
                                          int64_t BS, int64_t KVH, int64_t D, float* sc, int64_t Lp, float* acc,
                                          float* pbuf, bf16* out) {
-  const int64_t tok = KVH * D, nc = D / 32, chunks = D / 16, nblk = (L + BS - 1) / BS;
+  const int64_t tok = KVH * D, chunks = D / 16, nblk = (L + BS - 1) / BS;
   for (int64_t j = 0; j < nblk; ++j) {
     const bf16* kb = cache + tab[j] * 2 * BS * tok;
     const int64_t base = j * BS, n_in = std::min(BS, L - base);
@@ -230,22 +235,8 @@ PDS_AVX512BF16 void attn_seq_bf16_avx512(const bf16* q, float scale, const bf16*
       const bf16* qh = q + h * G * D;
       for (int64_t t0 = 0; t0 < n_in; t0 += 8) {
         const int64_t n = std::min<int64_t>(8, n_in - t0);
-        for (int64_t o = 0; o < 8; ++o) {
-          __m512 ag[G];
-          for (int g = 0; g < G; ++g) ag[g] = _mm512_setzero_ps();
-          if (o < n) {
-            const bf16* k = kb + (t0 + o) * tok + h * D;
-            for (int64_t c = 0; c < nc; ++c) {
-              const __m512i kv = _mm512_loadu_si512(k + c * 32);
-              for (int g = 0; g < G; ++g)
-                ag[g] = _mm512_dpbf16_ps(ag[g], (__m512bh)kv, (__m512bh)_mm512_loadu_si512(qh + g * D + c * 32));
-            }
-          }
-          for (int g = 0; g < G; ++g) {
-            const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(ag[g]), _mm512_extractf32x8_ps(ag[g], 1));
-            _mm256_storeu_ps(pbuf + (g * 8 + o) * 8, half);
-          }
-        }
+        for (int64_t o = 0; o < 8; ++o)
+          score_row_bf16<G>(o < n ? kb + (t0 + o) * tok + h * D : nullptr, qh, D, pbuf, o);
         store_scores(pbuf, G, sc + h * G * Lp, Lp, base + t0, scale);
       }
     }
