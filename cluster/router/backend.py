@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine.sampling_params import SamplingParams
+from pdcommon.sampling_params import SamplingParams
 from pdserve.v1 import worker_pb2
 
 

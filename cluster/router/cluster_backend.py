@@ -44,16 +44,19 @@ from cluster.router.pool import WorkerConn, WorkerPool
 from cluster.rpc import moved_kv, was_moved
 from cluster.state.prefix import prefix_block_hashes
 from cluster.state.store import Store
-from cluster.worker.convert import params_to_pb
-from engine.config import DEFAULT_MAX_MODEL_LEN_CAP
-from engine.loader import load_config, load_tokenizer, resolve_model_path
+from cluster.sampling_pb import params_to_pb
 from pdserve.v1 import kv_pb2, worker_pb2
 
 logger = logging.getLogger(__name__)
 
 
 def model_info(engine: EngineArgs, served_model_name: str) -> ModelInfo:
-    """What the router needs of the model (tokenizer, context length) without loading weights."""
+    """What the router needs of the model (tokenizer, context length) without loading weights, in a
+    process that has the engine (`pdserve serve`: a GGUF is converted on the way, the tokenizer is
+    transformers'). A router process without torch uses cluster/router/model.py instead."""
+    from engine.config import DEFAULT_MAX_MODEL_LEN_CAP
+    from engine.loader import load_config, load_tokenizer, resolve_model_path
+
     path = resolve_model_path(engine.model)
     hf = load_config(path)
     max_len = engine.max_model_len or min(int(hf.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN_CAP)),

@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from cluster.errors import InvalidRequestError
 from cluster.router.backend import GenerationRequest, ModelInfo
+from cluster.router.model import default_served_name
 from cluster.worker.convert import output_to_chunk
 from cluster.worker.engine_loop import EngineLoop
 from cluster.worker.stats import stats_response
 from engine.llm_engine import LLMEngine
-from engine.loader import resolve_model_path
 from pdserve.v1 import worker_pb2
 
 
@@ -51,8 +50,3 @@ class LocalBackend:
 
     async def close(self) -> None:
         await asyncio.to_thread(self.loop.stop)
-
-
-def default_served_name(model: str | None) -> str:
-    """vLLM serves a model under the name it was given; the default model under its folder name."""
-    return model if model else Path(resolve_model_path(None)).name

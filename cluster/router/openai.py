@@ -2,7 +2,7 @@
 
 Requests accept OpenAI's fields plus vLLM's sampling extras; unknown fields are ignored (OpenAI
 clients send extras such as `extra_body` contents or newer fields). Sampling values themselves
-are validated by `engine.SamplingParams` so the rules live in one place.
+are validated by `pdcommon.SamplingParams` (the engine's own) so the rules live in one place.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.errors import PdserveError
-from engine.sampling_params import SamplingParams
+from pdcommon.sampling_params import SamplingParams
 
 # OpenAI caps n at 128; a cap also keeps one request from fanning out without bound.
 MAX_N = 128

@@ -28,7 +28,7 @@ from cluster.router.logprobs import TokenText
 from cluster.router.openai import ChatCompletionRequest, ChatMessage, UsageInfo, _SamplingRequest, error_body
 from cluster.router.reasoning import ParserFactory, ReasoningParser, prompt_opens_reasoning
 from cluster.router.settings import RouterSettings
-from engine.sampling_params import SamplingParams
+from pdcommon.sampling_params import SamplingParams
 from pdserve.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
