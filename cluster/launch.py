@@ -94,23 +94,12 @@ class ServeSession:
         return [None if c is None else c[: s.num_threads] for c, s in zip(sets, specs)]
 
     def create_worker(self, spec: WorkerSpec, timeout_s: float = 120.0) -> Any:
-        """A WorkerActor for `spec` (not started). An expert-parallel worker gets a STRICT_PACK
-        placement group with one bundle per rank: the actor (rank 0) in bundle 0, its other ranks
-        (Ray actors it creates) in the others, so the group is placed and reserved as a whole."""
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from cluster.worker.actor import WorkerActor
-
-        n = spec.engine.expert_parallel_size
-        if n == 1:
-            return WorkerActor.options(num_cpus=spec.num_threads).remote(spec.model_dump())
-        pg = placement_group([{"CPU": spec.num_threads}] + [{"CPU": 1}] * (n - 1), strategy="STRICT_PACK")
-        ray.get(pg.ready(), timeout=timeout_s)
-        self.placement_groups.append(pg)
-        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-        return WorkerActor.options(num_cpus=spec.num_threads, scheduling_strategy=strategy).remote(spec.model_dump())
+        """A WorkerActor for `spec` (not started), see `create_worker_actor`; its placement group
+        (expert-parallel workers) is removed by `stop()`."""
+        actor, pg = create_worker_actor(spec, timeout_s=timeout_s)
+        if pg is not None:
+            self.placement_groups.append(pg)
+        return actor
 
     def start_router(self, port: int | None = None) -> str:
         """Serve the router from a background thread; returns its base URL once it accepts connections."""
@@ -167,6 +156,48 @@ class ServeSession:
         if self._embedded is not None:
             self._embedded.stop()
             self._embedded = None
+
+
+def create_worker_actor(spec: WorkerSpec, timeout_s: float = 120.0, *, options: dict[str, Any] | None = None,
+                        name: str | None = None, detached: bool = False,
+                        ep_strategy: str = "STRICT_PACK") -> tuple[Any, Any]:
+    """A WorkerActor for `spec` (not started) and its placement group (None for EP=1).
+
+    `options`: Ray actor options of rank 0 (default: `spec.num_threads` CPUs); `name` and
+    `detached` make it a named actor that outlives its creator (`pdserve launch`). An
+    expert-parallel worker gets a placement group with one bundle per rank (strategy
+    `ep_strategy`, STRICT_PACK by default): the actor (rank 0) in bundle 0, its other ranks (Ray
+    actors it creates) in the others, so the group is placed and reserved as a whole; the group
+    takes the actor's name and lifetime."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from cluster.worker.actor import WorkerActor
+
+    opts: dict[str, Any] = dict(options) if options else {"num_cpus": spec.num_threads}
+    lifetime = "detached" if detached else None
+    if name is not None:
+        opts.update(name=name, lifetime=lifetime)
+    n = spec.engine.expert_parallel_size
+    if n == 1:
+        return WorkerActor.options(**opts).remote(spec.model_dump()), None
+    rank0 = {"CPU": opts.get("num_cpus", spec.num_threads), **opts.get("resources", {})}
+    if opts.get("num_gpus"):
+        rank0["GPU"] = opts["num_gpus"]
+    if opts.get("memory"):
+        rank0["memory"] = opts["memory"]
+    others = {"CPU": 1, **({"GPU": opts["num_gpus"]} if opts.get("num_gpus") else {})}
+    bundles = [rank0] + [dict(others) for _ in range(n - 1)]
+    labels = opts.pop("label_selector", None)
+    pg_kwargs: dict[str, Any] = {"strategy": ep_strategy, "name": name or "", "lifetime": lifetime}
+    if labels:
+        pg_kwargs["bundle_label_selector"] = [dict(labels) for _ in bundles]
+    pg = placement_group(bundles, **pg_kwargs)
+    ray.get(pg.ready(), timeout=timeout_s)
+    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+    opts.pop("resources", None)  # reserved by the bundle
+    return WorkerActor.options(scheduling_strategy=strategy, **opts).remote(spec.model_dump()), pg
 
 
 def build_router_app(config: ClusterConfig, redis_url: str):

@@ -37,23 +37,35 @@ class WorkerActor:
         self.runtime = None
 
     async def start(self) -> dict:
-        """Load the model, serve gRPC, register; returns {worker_id, address, role, pid, expert_parallel_size}."""
+        """Load the model, serve gRPC, register; returns {worker_id, address, role, pid, expert_parallel_size}.
+        Idempotent: a launcher that adopts a running actor calls it again and gets the same answer."""
+        import asyncio
+
         from cluster.worker.runtime import WorkerRuntime
 
+        if not hasattr(self, "_start_lock"):
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if not getattr(self, "_started", False):
+                await self._start(WorkerRuntime)
+                self._started = True
+        return {"worker_id": self.runtime.worker_id, "address": self.runtime.address, "role": self.runtime.role,
+                "pid": os.getpid(), "expert_parallel_size": self.runtime.ep_size}
+
+    async def _start(self, runtime_cls) -> None:
         launcher = None
         if self.spec.engine.expert_parallel_size > 1:
             from cluster.worker.ep_ranks import ray_launcher
 
             launcher = ray_launcher()  # ranks 1..N-1 as Ray actors in this actor's placement group
-        self.runtime = WorkerRuntime(self.spec, ep_launcher=launcher)
+        self.runtime = runtime_cls(self.spec, ep_launcher=launcher)
         await self.runtime.start()
-        return {"worker_id": self.runtime.worker_id, "address": self.runtime.address, "role": self.runtime.role,
-                "pid": os.getpid(), "expert_parallel_size": self.runtime.ep_size}
 
     async def stop(self) -> None:
         if self.runtime is not None:
             await self.runtime.stop()
             self.runtime = None
+        self._started = False
 
     async def leaks(self) -> list[str]:
         """Engine leak check plus leases still held (for tests and drains)."""

@@ -32,6 +32,7 @@ from cluster.rpc import GRPC_OPTIONS
 from cluster.state.prefix import prefix_block_hashes
 from cluster.state.store import Store, WorkerInfo, WorkerLoad
 from cluster.worker.admission import Admission
+from cluster.worker.address import advertised_host, node_ip
 from cluster.worker.engine_loop import EngineDead, EngineLoop, HeldKV
 from cluster.worker.service import ROLE_PB, WorkerServicer
 from cluster.worker.roles import RoleMachine
@@ -133,7 +134,7 @@ class WorkerRuntime:
         kv_pb2_grpc.add_KVServicer_to_server(self.kv_service, self._server)
         port = self._server.add_insecure_port(f"{spec.host}:{spec.port}")
         await self._server.start()
-        self.address = f"{spec.advertise_host or spec.host}:{port}"
+        self.address = f"{advertised_host(spec.host, spec.advertise_host, node_ip)}:{port}"
         self.store = Store.from_url(spec.redis_url, spec.cluster)
         await self.store.register_worker(self._info(await self._load()), ttl_s=spec.registry_ttl_seconds)
         self._housekeeping = asyncio.create_task(self._housekeep())

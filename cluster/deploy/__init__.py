@@ -1,0 +1,1 @@
+"""`pdserve launch`: placing a cluster on an existing Ray cluster and keeping it as configured."""
