@@ -88,15 +88,25 @@ def check_secrets(text: str, docs: tuple[Doc, ...], forbidden: tuple[str, ...] =
 
 
 def check_pools(docs: tuple[Doc, ...]) -> None:
-    """Every role the config starts has a worker group advertising its Ray resource."""
+    """Each role the config starts can be placed: some worker group advertises every Ray resource
+    the role's placement asks for (and has GPUs when it asks for GPUs)."""
     config = cluster_config(docs)
-    wanted = {spec.role for spec in config.worker_specs("redis://x")}
     rc = one(docs, "RayCluster")
-    hosted = {k.removeprefix("pdserve_") for g in rc["spec"]["workerGroupSpecs"] for k in g.get("resources", {})}
-    assert wanted <= hosted, f"roles {wanted - hosted} have no pool"
+    groups = rc["spec"]["workerGroupSpecs"]
+    for role in {spec.role for spec in config.worker_specs("redis://x")}:
+        placement = config.placement.pool(role)
+        assert placement.resources, f"{role} workers are not pinned to a pool"
+        fits = [g["groupName"] for g in groups if set(placement.resources) <= set(g.get("resources", {}))
+                and (not placement.num_gpus or _gpus(g) >= placement.num_gpus)]
+        assert fits, f"no worker group offers {role}'s placement {placement}"
     head = containers(rc["spec"]["headGroupSpec"]["template"]["spec"])
     assert {"gcs-server", "dashboard"} <= {p["name"] for c in head.values() for p in c["ports"]}
     assert rc["spec"]["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", "no worker on the head"
+
+
+def _gpus(group: Doc) -> int:
+    limits = containers(group["template"]["spec"])["ray-worker"]["resources"].get("limits", {})
+    return int(limits.get("nvidia.com/gpu", 0))
 
 
 def check_all(text: str, docs: tuple[Doc, ...], forbidden: tuple[str, ...] = ()) -> None:

@@ -51,6 +51,7 @@ def test_launcher(values: Path):
     head = containers(rc["spec"]["headGroupSpec"]["template"]["spec"])["ray-head"]
     mounts = {m["mountPath"] for m in head["volumeMounts"]}
     assert "/etc/pdserve" in mounts, "the launcher (on the head) reads cluster.yaml from the ConfigMap"
+    assert "PDSERVE_REDIS_URL" in env_of(head), "the launcher's driver inherits the head's environment"
     if mode == "rayjob":
         job = one(docs, "RayJob")
         assert job["spec"]["clusterSelector"] == {"ray.io/cluster": rc["metadata"]["name"]}
@@ -62,7 +63,8 @@ def test_launcher(values: Path):
         assert "RayJob" not in kinds(docs)
         assert rc["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
         script = head["args"][0]
-        assert "KUBERAY_GEN_RAY_START_CMD" in script and "pdserve launch --config /etc/pdserve/cluster.yaml" in script
+        assert "KUBERAY_GEN_RAY_START_CMD" in script
+        assert 'pdserve launch --config /etc/pdserve/cluster.yaml --redis-url "$PDSERVE_REDIS_URL" &' in script
         for g in rc["spec"]["workerGroupSpecs"]:  # KubeRay then leaves the workers' command to us too
             assert "KUBERAY_GEN_RAY_START_CMD" in containers(g["template"]["spec"])["ray-worker"]["args"][0]
 
@@ -106,7 +108,8 @@ def test_gpu_pools_keys_and_monitoring():
     sm = one(docs, "ServiceMonitor")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["metadata"]["labels"]["release"] == "kube-prometheus"
     assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
-    assert sm["spec"]["selector"]["matchLabels"].items() <= one(docs, "Service", "-router")["metadata"]["labels"].items()
+    svc_labels = one(docs, "Service", "-router")["metadata"]["labels"]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc_labels.items()
     dashboard = json.loads(one(docs, "ConfigMap", "-dashboard")["data"]["pdserve.json"])
     assert dashboard["uid"] == "pdserve" and len(dashboard["panels"]) >= 8
 
@@ -123,7 +126,8 @@ def test_dashboard_queries_name_real_metrics():
 
 
 def test_network_policy():
-    _, docs = helm_template(CHART / "ci" / "gpu-pools-values.yaml", KUBE_VERSIONS[0])
+    _, docs = helm_template(CHART / "ci" / "gpu-pools-values.yaml", KUBE_VERSIONS[0],
+                            "networkPolicy.workerGrpcPorts.port=50051", "networkPolicy.workerGrpcPorts.endPort=50099")
     pols = {d["metadata"]["name"].removeprefix("pd-pdserve-"): d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
     assert set(pols) == {"ray", "router", "redis"}
     ray_pods = {"ray.io/cluster": "pd-pdserve"}
@@ -189,3 +193,39 @@ def test_validators_catch_typos():
     deploy["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGett"] = {"path": "/health"}
     with pytest.raises(AssertionError, match="kubernetes-validate"):
         kubernetes_validate(bad, KUBE_VERSIONS[0])
+
+
+def test_secret_values_never_rendered(tmp_path):
+    """An operator's Secrets (made here with kubectl, as they would) are referenced by name and key;
+    their values appear nowhere in the chart's output, plain or base64."""
+    import base64
+
+    values = {"api-keys": "sk-live-4f1c9a", "admin-api-keys": "sk-admin-77e0b2", "url": "redis://:pw-9d3e@r:6379/0"}
+    made = yaml.safe_load(run("kubectl", "create", "secret", "generic", "pdserve-keys", "--dry-run=client", "-o",
+                              "yaml", *[f"--from-literal={k}={v}" for k, v in values.items()]).stdout)
+    assert set(made["data"]) == set(values)
+    file = tmp_path / "values.yaml"
+    file.write_text(yaml.safe_dump({
+        "secrets": {"apiKeys": {"existingSecret": "pdserve-keys"}, "adminApiKeys": {"existingSecret": "pdserve-keys"}},
+        "redis": {"mode": "external", "external": {"existingSecret": "pdserve-keys", "key": "url"}}}))
+    text, docs = helm_template(file, KUBE_VERSIONS[0])
+    forbidden = (*values.values(), *made["data"].values(),
+                 *(base64.b64encode(v.encode()).decode() for v in values.values()))
+    checks.check_secrets(text, docs, forbidden)
+    env = env_of(containers(one(docs, "Deployment", "-router")["spec"]["template"]["spec"])["router"])
+    assert {n: env[n]["valueFrom"]["secretKeyRef"] for n in ("PDSERVE_API_KEY", "PDSERVE_ADMIN_API_KEY",
+                                                             "PDSERVE_REDIS_URL")} == {
+        "PDSERVE_API_KEY": {"name": "pdserve-keys", "key": "api-keys"},
+        "PDSERVE_ADMIN_API_KEY": {"name": "pdserve-keys", "key": "admin-api-keys"},
+        "PDSERVE_REDIS_URL": {"name": "pdserve-keys", "key": "url"}}
+
+
+def test_rayjob_follows_the_config():
+    """A changed cluster config names a new RayJob (KubeRay does not resubmit a changed one); the same
+    config keeps the name, so an unrelated `helm upgrade` leaves the launcher alone."""
+    def job(*sets: str) -> str:
+        return one(helm_template(None, KUBE_VERSIONS[0], *sets)[1], "RayJob")["metadata"]["name"]
+
+    assert job() == job("router.replicas=5") != job("cluster.decode=2")
+    assert job().startswith("pd-pdserve-launch-") and len(job()) <= 63
+    assert checks.cluster_config(helm_template(None, KUBE_VERSIONS[0])[1]).launch.workers_outlive_job

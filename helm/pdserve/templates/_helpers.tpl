@@ -105,16 +105,38 @@ app.kubernetes.io/component: {{ .component }}
   mountPath: /tmp
 {{- end -}}
 
-{{/* `pdserve launch` argv: the Redis URL comes from cluster.yaml or $PDSERVE_REDIS_URL (a Secret). */}}
+{{/* `pdserve launch` argv. The RayJob's entrypoint cannot carry the Redis URL (the submitter pod's
+     shell would expand it, and Ray stores the entrypoint): it comes from cluster.yaml (the internal
+     Redis without a password) or from $PDSERVE_REDIS_URL, which the head container has from a Secret. */}}
 {{- define "pdserve.launchArgs" -}}
 {{- concat (list "pdserve" "launch" "--config" "/etc/pdserve/cluster.yaml") .Values.launcher.extraArgs | join " " -}}
 {{- end -}}
 
-{{/* cluster.yaml: values.cluster plus the Redis URL when it is no secret (the internal Redis). */}}
+{{/* cluster.yaml: values.cluster, plus the Redis URL when it is no secret (the internal Redis), plus
+     each role's placement (`pdserve launch` asks for the Ray resource pdserve_<role> that the pools
+     hosting the role advertise, and for a GPU where those pools have GPUs) unless values set it. */}}
 {{- define "pdserve.clusterConfig" -}}
 {{- $cfg := deepCopy .Values.cluster -}}
 {{- if and (eq .Values.redis.mode "internal") (not .Values.redis.auth.existingSecret) -}}
 {{- $_ := set $cfg "redis_url" (printf "redis://%s:6379/0" (include "pdserve.redisHost" .)) -}}
 {{- end -}}
+{{- $placement := deepCopy (default dict $cfg.placement) -}}
+{{- range $role := list "prefill" "decode" "mixed" -}}
+{{- $hosting := list -}}
+{{- range $.Values.ray.pools -}}{{- if has $role .roles -}}{{- $hosting = append $hosting . -}}{{- end -}}{{- end -}}
+{{- if $hosting -}}
+{{- $pool := deepCopy (default dict (get $placement $role)) -}}
+{{- if not (hasKey $pool "resources") -}}
+{{- $_ := set $pool "resources" (dict (printf "pdserve_%s" $role) 1) -}}
+{{- end -}}
+{{- $gpus := true -}}
+{{- range $hosting -}}{{- if not .gpus -}}{{- $gpus = false -}}{{- end -}}{{- end -}}
+{{- if and $gpus (not (hasKey $pool "num_gpus")) -}}
+{{- $_ := set $pool "num_gpus" 1 -}}
+{{- end -}}
+{{- $_ := set $placement $role $pool -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $cfg "placement" $placement -}}
 {{- toYaml $cfg -}}
 {{- end -}}
