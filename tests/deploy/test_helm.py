@@ -229,3 +229,32 @@ def test_rayjob_follows_the_config():
     assert job() == job("router.replicas=5") != job("cluster.decode=2")
     assert job().startswith("pd-pdserve-launch-") and len(job()) <= 63
     assert checks.cluster_config(helm_template(None, KUBE_VERSIONS[0])[1]).launch.workers_outlive_job
+
+
+def test_readme_values_example(tmp_path):
+    """The values example in the README's "Kubernetes (Helm)" section renders and validates."""
+    readme = (CHART.parents[1] / "README.md").read_text()
+    section = readme.split("## Kubernetes (Helm)", 1)[1].split("\n## ", 1)[0]
+    block = next(b for b in section.split("```yaml\n")[1:] if b.startswith("# my-values.yaml")).split("```", 1)[0]
+    (tmp_path / "values.yaml").write_text(block)
+    text, docs = helm_template(tmp_path / "values.yaml", KUBE_VERSIONS[-1])
+    kubernetes_validate(docs, KUBE_VERSIONS[-1])
+    validate_custom(docs)
+    checks.check_all(text, docs)
+    assert [g["groupName"] for g in one(docs, "RayCluster")["spec"]["workerGroupSpecs"]] == ["prefill", "decode"]
+
+
+@pytest.mark.parametrize("values", VALUES, ids=lambda v: v.name)
+def test_shell_scripts_parse(values: Path):
+    """Every `sh -c` / `bash -c` script the chart renders is valid shell (`bash -n`)."""
+    import subprocess
+
+    _, docs = helm_template(values, KUBE_VERSIONS[-1])
+    scripts = [c["args"][0] for pod in checks.pod_specs(docs).values() for c in pod["containers"]
+               if c.get("command", [""])[0] in ("sh", "/bin/sh", "bash", "/bin/bash")]
+    for script in scripts:
+        proc = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{proc.stderr}\n{script}"
+    v = _values(values)
+    if v.get("launcher", {}).get("mode") == "head" or v.get("redis", {}).get("mode") != "external":
+        assert scripts, "expected the head's or Redis's script"
