@@ -49,7 +49,7 @@ def crd_schema(kind: str, version: str = "v1") -> dict[str, Any]:
     if not path.is_file():
         raise CRDsMissing(f"KubeRay CRD {path} is missing: put the KubeRay v1.7.0 CRDs in {crd_dir()} "
                           "or point $PDSERVE_KUBERAY_CRDS at them")
-    crd = yaml.safe_load(path.read_text())
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 25k lines
     for v in crd["spec"]["versions"]:
         if v["name"] == version:
             schema = copy.deepcopy(v["schema"]["openAPIV3Schema"])
