@@ -123,18 +123,29 @@ def paged_attention(
     return out.reshape(T, H * D)
 
 
+def _prefill_kernel_applies(ops, qkv: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """The AMX prefill kernel's domain: bf16, head_dim a multiple of 32 (<= 256), 16-token blocks."""
+    return (ops.isa() == "amx_bf16" and qkv.dtype == torch.bfloat16 and kv_cache.shape[-1] % 32 == 0
+            and kv_cache.shape[-1] <= 256 and kv_cache.shape[2] % 16 == 0)
+
+
 def paged_attention_fused(ops, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, kv_cache: torch.Tensor,
                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention for qkv [T, (H + 2 KVH) * D] whose q and k are already rotated and whose k/v are
-    already in the cache (ops.rope_write_kv): decode rows read the cache in place, prefill chunks
-    use SDPA. Returns [T, H*D] in qkv's dtype."""
+    already in the cache (ops.rope_write_kv): decode rows read the cache in place, and so do prefill
+    chunks on AMX hosts (elsewhere they use SDPA). Returns [T, H*D] in qkv's dtype."""
     T = qkv.shape[0]
     D = kv_cache.shape[-1]
     out = qkv.new_empty(T, num_heads * D)
     if meta.decode_rows is not None:
         ops.paged_decode_attention(qkv, meta.decode_rows, kv_cache, meta.decode_block_table, meta.decode_lens,
                                    num_heads, scale, out)
-    if meta.prefills:
+    if meta.prefills and _prefill_kernel_applies(ops, qkv, kv_cache):
+        segs = meta.prefills
+        ops.paged_prefill_attention(qkv, [s.start for s in segs], [s.end for s in segs],
+                                    [s.context_len for s in segs], [s.block_table for s in segs], kv_cache,
+                                    num_heads, scale, out)
+    elif meta.prefills:
         hkv = qkv.view(T, num_heads + 2 * num_kv_heads, D)
         q, k, v = hkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
         dt = attention_dtype(qkv.dtype, qkv.device)

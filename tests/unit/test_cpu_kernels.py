@@ -194,6 +194,96 @@ def test_paged_decode_attention_rejects_bad_tables():
         ops.paged_decode_attention(qkv, torch.tensor([0]), cache, table, torch.tensor([20]), 4, 0.25, out)
 
 
+amx = pytest.mark.skipif(ops is None or ops.isa() != "amx_bf16",
+                         reason="the prefill attention kernel is AMX-only; other hosts take SDPA (tested everywhere)")
+
+
+def _reference_prefill(qkv, cache, table, start, n, context, heads, scale):
+    """Causal float64 attention of rows [start, start + n) (the last n of `context` positions)."""
+    bs, kvh, d = cache.shape[2], cache.shape[3], cache.shape[4]
+    blocks = cache[table[: (context + bs - 1) // bs]].double()
+    k = blocks[:, 0].flatten(0, 1)[:context].repeat_interleave(heads // kvh, dim=1)
+    v = blocks[:, 1].flatten(0, 1)[:context].repeat_interleave(heads // kvh, dim=1)
+    q = qkv[start : start + n, : heads * d].view(n, heads, d).double()
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    hidden = torch.arange(context)[None, :] > torch.arange(context - n, context)[:, None]
+    p = torch.softmax(s.masked_fill(hidden, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", p, v).reshape(n, heads * d)
+
+
+@amx
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (6, 1, 64), (4, 2, 256)])
+@pytest.mark.parametrize("segments", [[(256, 256)], [(1, 1)], [(17, 17)], [(40, 100)], [(64, 64), (1, 65)],
+                                      [(5, 300), (70, 70), (33, 129)]])
+def test_paged_prefill_attention(heads, kv_heads, head_dim, segments):
+    """(queries, context) per segment: whole prompts, chunks after a cached prefix, tile-sized and
+    ragged, several in one call (rows among others that must stay untouched), against float64.
+    The cache holds random data past each context: those stale rows must not leak in."""
+    bs = 16
+    contexts = [c for _, c in segments]
+    cache, table = _paged_setup(torch.bfloat16, heads, kv_heads, head_dim, bs, contexts)
+    starts, row = [], 1
+    for n, _ in segments:
+        starts.append(row)
+        row += n
+    T = row + 1
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * head_dim).to(torch.bfloat16)
+    out = torch.full((T, heads * head_dim), 7.0, dtype=torch.bfloat16)
+    scale = head_dim**-0.5
+    ends = [s + n for s, (n, _) in zip(starts, segments)]
+    ops.paged_prefill_attention(qkv, starts, ends, contexts, list(table), cache, heads, scale, out)
+    for i, (n, c) in enumerate(segments):
+        ref = _reference_prefill(qkv, cache, table[i], starts[i], n, c, heads, scale)
+        close(out[starts[i] : starts[i] + n], ref, torch.bfloat16)
+    assert bool((out[0] == 7.0).all()) and bool((out[-1] == 7.0).all())
+
+
+@amx
+def test_paged_prefill_attention_rejects_bad_input():
+    cache, table = _paged_setup(torch.bfloat16, 4, 2, 32, 16, [20])
+    qkv, out = torch.randn(20, 256).to(torch.bfloat16), torch.empty(20, 128, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="shorter than"):
+        ops.paged_prefill_attention(qkv, [0], [20], [10], [table[0]], cache, 4, 0.2, out)
+    with pytest.raises(RuntimeError, match="block table too short"):
+        ops.paged_prefill_attention(qkv, [0], [20], [40], [table[0]], cache, 4, 0.2, out)
+    bad = table[0].clone()
+    bad[1] = 10_000
+    with pytest.raises(RuntimeError, match="block id"):
+        ops.paged_prefill_attention(qkv, [0], [20], [20], [bad], cache, 4, 0.2, out)
+    with pytest.raises(RuntimeError, match="bf16 only"):
+        ops.paged_prefill_attention(qkv.float(), [0], [20], [20], [table[0]], cache, 4, 0.2, out)
+
+
+@amx
+def test_fused_attention_prefill_kernel_matches_sdpa_branch():
+    """paged_attention_fused hands prefill chunks to the kernel on AMX hosts: the same outputs as
+    its SDPA branch, for a whole prompt and for a chunk after a cached prefix, in one step."""
+    from engine.layers import attention as attn
+
+    heads, kv_heads, d, bs = 6, 2, 64, 16
+    cache, table = _paged_setup(torch.bfloat16, heads, kv_heads, d, bs, [48, 80])
+    segs = (attn.PrefillSegment(0, 48, 48, table[0, :3]), attn.PrefillSegment(48, 80, 80, table[1, :5]))
+    T = 80
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * d).to(torch.bfloat16)
+    # The kernel reads k/v from the cache, SDPA (whole prompt) from qkv: make them agree.
+    k = qkv.view(T, -1, d)[:, heads : heads + kv_heads]
+    v = qkv.view(T, -1, d)[:, heads + kv_heads :]
+    for t in range(48):
+        cache[table[0, t // bs], 0, t % bs] = k[t]
+        cache[table[0, t // bs], 1, t % bs] = v[t]
+    meta = attn.AttentionMetadata(slot_blocks=torch.zeros(T, dtype=torch.long), slot_offsets=torch.zeros(T, dtype=torch.long),
+                                  decode_rows=None, decode_block_table=None, decode_lens=None, prefills=segs,
+                                  positions=torch.arange(T))
+    fast = attn.paged_attention_fused(ops, qkv, heads, kv_heads, cache, meta, d**-0.5)
+    real = attn._prefill_kernel_applies
+    try:
+        attn._prefill_kernel_applies = lambda *a: False
+        sdpa = attn.paged_attention_fused(ops, qkv, heads, kv_heads, cache, meta, d**-0.5)
+    finally:
+        attn._prefill_kernel_applies = real
+    close(fast, sdpa.double(), torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("qk_norm", [False, True])

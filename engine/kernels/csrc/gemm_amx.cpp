@@ -65,11 +65,9 @@ PDS_AMX void write_silu_rows(const PackedArgs& a, const float* g, const float* u
   for (int r = 0; r < m; ++r) {
     const __m512 gv = _mm512_loadu_ps(g + r * 16);
     const __m512 uv = _mm512_loadu_ps(u + r * 16);
-    alignas(64) float e[16];
-    _mm512_store_ps(e, _mm512_sub_ps(_mm512_setzero_ps(), gv));
-    const __m256 e0 = exp8(_mm256_load_ps(e)), e1 = exp8(_mm256_load_ps(e + 8));
-    const __m512 ex = _mm512_insertf32x8(_mm512_castps256_ps512(e0), e1, 1);
-    const __m512 y = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), ex)), uv);
+    const __m512 ex = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    // gate * sigmoid(gate): a division here cost as much as the GEMM's tile work for prefill.
+    const __m512 y = _mm512_mul_ps(_mm512_mul_ps(gv, recip16(_mm512_add_ps(_mm512_set1_ps(1.0f), ex))), uv);
     _mm256_mask_storeu_epi16(a.y + (r0 + r) * a.ldy + n0, mask, (__m256i)_mm512_cvtneps_pbh(y));
   }
 }
