@@ -88,6 +88,11 @@ def chart_properties() -> dict[str, Schema]:
                       "the pdserve image (Dockerfile at the repo root): Ray pods, launcher, router",
                       required=("repository",)),
         "imagePullSecrets": {"type": "array", "items": _obj({"name": _str(minLength=1)}, required=("name",))},
+        "extraEnv": {**_K8S_LIST, "description": "more env entries (EnvVar) for every pdserve container"},
+        "extraVolumes": {**_K8S_LIST, "description": "more pod volumes (e.g. a PVC holding models) for Ray pods "
+                         "and routers"},
+        "extraVolumeMounts": {**_K8S_LIST, "description": "where the pdserve containers mount them (workers and "
+                              "routers both read the model folder)"},
         "podSecurityContext": {**_K8S_OBJ, "description": "pod securityContext of every pdserve pod"},
         "securityContext": {**_K8S_OBJ, "description": "container securityContext of every pdserve container"},
         "ray": _obj({

@@ -258,3 +258,18 @@ def test_shell_scripts_parse(values: Path):
     v = _values(values)
     if v.get("launcher", {}).get("mode") == "head" or v.get("redis", {}).get("mode") != "external":
         assert scripts, "expected the head's or Redis's script"
+
+
+def test_model_volume_reaches_workers_and_routers():
+    """A models PVC from values is mounted where the engine loads (workers) and where the router
+    reads the tokenizer; extraEnv reaches every pdserve container."""
+    _, docs = helm_template(CHART / "ci" / "gpu-pools-values.yaml", KUBE_VERSIONS[0])
+    assert checks.cluster_config(docs).engine.model.startswith("/models/")
+    for where, pod in checks.pod_specs(docs).items():
+        if where.startswith("StatefulSet/"):
+            continue  # Redis
+        assert {"name": "models", "persistentVolumeClaim": {"claimName": "pdserve-models", "readOnly": True}} \
+            in pod["volumes"], where
+        for c in pod["containers"]:
+            assert {"name": "models", "mountPath": "/models", "readOnly": True} in c["volumeMounts"], where
+            assert env_of(c)["UCX_TLS"]["value"] == "rc,cuda_copy,cuda_ipc", where

@@ -65,6 +65,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
+{{/* values.extraEnv, for every pdserve container (may be empty). */}}
+{{- define "pdserve.extraEnv" -}}
+{{- with .Values.extraEnv }}{{ toYaml . }}{{ end -}}
+{{- end -}}
+
 {{/* The router's keys, from Secrets only. */}}
 {{- define "pdserve.keyEnv" -}}
 {{- with .Values.secrets.apiKeys.existingSecret }}
@@ -95,6 +100,9 @@ app.kubernetes.io/component: {{ .component }}
     name: {{ include "pdserve.fullname" . }}-config
 - name: tmp
   emptyDir: {}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{- define "pdserve.volumeMounts" -}}
@@ -103,6 +111,9 @@ app.kubernetes.io/component: {{ .component }}
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{/* `pdserve launch` argv. The RayJob's entrypoint cannot carry the Redis URL (the submitter pod's
