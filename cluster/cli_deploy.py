@@ -13,6 +13,9 @@ import signal
 import sys
 import threading
 
+# The Redis URL may carry a password: an environment variable (from a Secret) keeps it off argv.
+REDIS_URL_ENV = "PDSERVE_REDIS_URL"
+
 
 def _keys(flag: list[str] | None, env: str) -> tuple[str, ...]:
     keys = list(flag or [])
@@ -28,7 +31,7 @@ def router_config(args: argparse.Namespace):
     data = ClusterConfig.from_yaml(args.config).model_dump() if args.config else {}
     engine = {k: v for k in ("model", "max_model_len", "block_size") if (v := getattr(args, k)) is not None}
     data["engine"] = {**data.get("engine", {}), **engine}
-    fields = dict(redis_url=args.redis_url, host=args.host, port=args.port, cluster=args.cluster,
+    fields = dict(redis_url=args.redis_url or os.environ.get(REDIS_URL_ENV), host=args.host, port=args.port, cluster=args.cluster,
                   served_model_name=args.served_model_name, rate_limit_per_minute=args.rate_limit_per_minute,
                   reasoning_parser=args.reasoning_parser)
     data.update({k: v for k, v in fields.items() if v is not None})
@@ -76,8 +79,12 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        overrides = {"redis_url": args.redis_url, "ray_address": args.ray_address}
+        overrides = {"redis_url": args.redis_url or os.environ.get(REDIS_URL_ENV), "ray_address": args.ray_address}
         config = ClusterConfig.from_yaml(args.config, **overrides)
+        if not config.redis_url:
+            raise ValueError("redis_url is required (a Redis every node and router reaches; "
+                             "launch.start_redis starts one at that URL): set it in --config, "
+                             "--redis-url or $PDSERVE_REDIS_URL")
     except (ValidationError, ValueError, OSError) as exc:
         print(f"pdserve launch: error: {exc}", file=sys.stderr)
         return 2
@@ -91,7 +98,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `router` and `launch` to the `pdserve` command's sub-parsers."""
     r = sub.add_parser("router", help="a router alone (no Ray, no torch), finding workers through Redis")
     r.add_argument("--config", default=None, help="YAML with ClusterConfig fields (flags override it)")
-    r.add_argument("--redis-url", default=None, help="the cluster's Redis (required here or in --config)")
+    r.add_argument("--redis-url", default=None, help="the cluster's Redis (default: $PDSERVE_REDIS_URL, then "
+                                                     "--config's redis_url; one of them is required)")
     r.add_argument("--cluster", default=None, help="cluster name: the Redis key prefix the workers use (default 'default')")
     r.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in a container)")
     r.add_argument("--port", type=int, default=None, help="HTTP port (default 8000; 0 = pick a free one)")
@@ -116,7 +124,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     la = sub.add_parser("launch", help="place the cluster on an existing Ray cluster (the `ray job submit` "
                                        "entrypoint); reconciles with what runs; blocks until stopped")
     la.add_argument("--config", required=True, help="YAML with ClusterConfig fields (`launch:` and `placement:`)")
-    la.add_argument("--redis-url", default=None, help="override the config's redis_url")
+    la.add_argument("--redis-url", default=None, help="override the config's redis_url (default: "
+                                                      "$PDSERVE_REDIS_URL when set)")
     la.add_argument("--ray-address", default=None, help="override the config's ray_address (default: auto)")
     la.add_argument("--once", action="store_true", help="reconcile, then exit leaving the workers running "
                                                         "(they are detached)")

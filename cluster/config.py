@@ -188,6 +188,9 @@ class LaunchSettings(_Strict):
                                   "'pdserve-<cluster>'. A second launch in the same namespace reconciles")
     workers_outlive_job: bool = Field(False, description="leave the workers (and router actors) running when the "
                                       "launch job stops (ray job stop, SIGTERM); the next launch adopts them")
+    start_redis: bool = Field(False, description="when nothing answers at redis_url, start a Redis there: a "
+                              "detached actor on the node the URL names (its IP, or the head for 127.0.0.1), "
+                              "nothing persisted; false = join the Redis at redis_url only")
     routers: int = Field(0, ge=0, description="routers to run as Ray actors (router i listens on port + i); "
                          "0 = none (run `pdserve router` processes instead)")
     router_num_cpus: float = Field(1.0, ge=0, description="CPUs each router actor reserves")

@@ -12,8 +12,9 @@
    until SIGTERM (`ray job stop`) or SIGINT; then stop every actor of the cluster, unless
    `launch.workers_outlive_job`. `--once` stops after step 3 and leaves the actors running.
 
-The workers join the cluster-state Redis at `redis_url`; starting that Redis is the deployment's
-job (the Helm chart's StatefulSet, or any Redis every node can reach).
+The workers join the cluster-state Redis at `redis_url`. With `launch.start_redis`, when nothing
+answers there, launch starts one at that address first (cluster/deploy/redis_actor.py); otherwise
+running it is the deployment's job (the Helm chart's StatefulSet, or any Redis every node reaches).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import time
 from typing import Any
 
 from cluster.config import ClusterConfig
-from cluster.deploy.layout import RouterSlot, WorkerSlot, router_slots, worker_slots
+from cluster.deploy.layout import RedisSlot, RouterSlot, WorkerSlot, redis_slots, router_slots, worker_slots
 from cluster.deploy.reconcile import Plan, parse_actor_name, plan
 
 logger = logging.getLogger(__name__)
@@ -59,21 +60,32 @@ class Launcher:
         return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a.get("namespace") == self.namespace]
 
-    def _slots(self) -> tuple[list[WorkerSlot], list[RouterSlot]]:
+    def _slots(self, observed: list[str]) -> tuple[list[RedisSlot], list[WorkerSlot], list[RouterSlot]]:
         url = self.config.redis_url or ""
-        return worker_slots(self.config, url), router_slots(self.config, url)
+        redis: list[RedisSlot] = []
+        if self.config.launch.start_redis:
+            running = any((s := parse_actor_name(n)) is not None and s.name == "redis" for n in observed)
+            redis = redis_slots(self.config, url, running=running, reachable=not running and _answers(url))
+        return redis, worker_slots(self.config, url), router_slots(self.config, url)
 
     # ----- reconcile -----
     def reconcile(self, stop: threading.Event) -> Plan:
         """One pass: act on the plan, then start (or re-confirm) every desired actor."""
         import ray
 
-        workers, routers = self._slots()
-        p = plan(self.observed(), [w.slot for w in workers] + [r.slot for r in routers])
+        observed = self.observed()
+        redis, workers, routers = self._slots(observed)
+        p = plan(observed, [r.slot for r in redis] + [w.slot for w in workers] + [r.slot for r in routers])
         if p.foreign:
             logger.info("namespace %s: leaving actors that are not ours alone: %s", self.namespace, list(p.foreign))
         self._stop_actors(p.stop)
         creating = {s.name for s in p.create}
+        for rs in redis:
+            if rs.slot.name in creating:
+                self._create_redis(rs)
+        # Redis first: workers register there as they start.
+        self._wait([ray.get_actor(rs.slot.actor_name, namespace=self.namespace).start.remote() for rs in redis],
+                   stop, "Redis")
         for w in workers:
             if w.slot.name in creating:
                 self._create_worker(w)
@@ -95,6 +107,12 @@ class Launcher:
         logger.info("starting worker %s (%s) with %s", w.slot.name, w.spec.role, w.options)
         create_worker_actor(w.spec, timeout_s=self.config.launch.start_timeout_s, options=w.options,
                             name=w.slot.actor_name, detached=True, ep_strategy=w.ep_strategy)
+
+    def _create_redis(self, r: RedisSlot) -> None:
+        from cluster.deploy.redis_actor import RedisActor
+
+        logger.info("nothing answers at redis_url: starting a Redis there (launch.start_redis)")
+        RedisActor.options(name=r.slot.actor_name, lifetime="detached", **r.options).remote(r.url)
 
     def _create_router(self, r: RouterSlot) -> None:
         from cluster.deploy.router_actor import RouterActor
@@ -142,8 +160,22 @@ class Launcher:
                 pass  # no placement group (EP = 1) under that name
 
     def stop_all(self) -> None:
-        """Stop every actor this cluster's launches placed (names that parse as ours)."""
-        self._stop_actors([n for n in self.observed() if parse_actor_name(n) is not None])
+        """Stop every actor this cluster's launches placed (names that parse as ours); a Redis
+        the launch started goes last (the workers deregister there as they stop)."""
+        ours = [(s.name, n) for n in self.observed() if (s := parse_actor_name(n)) is not None]
+        self._stop_actors([n for slot, n in ours if slot != "redis"])
+        self._stop_actors([n for slot, n in ours if slot == "redis"])
+
+
+def _answers(url: str) -> bool:
+    """Whether a Redis answers PING at `url` (1 s timeout)."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0) as client:
+            return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
 
 
 def run_launch(config: ClusterConfig, stop: threading.Event, once: bool = False) -> int:

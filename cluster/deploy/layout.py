@@ -1,9 +1,11 @@
-"""What `pdserve launch` places, pure: ClusterConfig -> the worker and router slots, each with the
-spec it starts from, its Ray options and the digest that names it (cluster/deploy/reconcile.py)."""
+"""What `pdserve launch` places, pure: ClusterConfig -> the Redis, worker and router slots, each
+with what it starts from, its Ray options and the digest that names it (cluster/deploy/reconcile.py)."""
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from cluster.config import ClusterConfig, WorkerSpec
 from cluster.deploy.reconcile import Slot, digest
@@ -32,6 +34,43 @@ class RouterSlot:
     config: dict[str, Any] = field(repr=False)  # the router's ClusterConfig, JSON-able (holds keys)
     port: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def redis_placement(url: str) -> dict[str, Any]:
+    """Ray options that put the Redis on the node `url` names: a node IP's `node:<ip>` resource,
+    or the head for a loopback host. ValueError for other hosts (a DNS name could be anywhere)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.port:
+        raise ValueError(f"launch.start_redis needs a redis://host:port URL (scheme {parts.scheme!r}, "
+                         f"port {parts.port})")
+    host = parts.hostname or ""
+    if host in LOOPBACK:
+        return {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"launch.start_redis needs redis_url's host to be a node's IP or loopback, "
+                         f"not {host!r}") from None
+    return {"num_cpus": 0, "resources": {f"node:{host}": 0.001}}
+
+
+@dataclass(frozen=True)
+class RedisSlot:
+    slot: Slot
+    url: str = field(repr=False)  # may hold a password
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def redis_slots(config: ClusterConfig, redis_url: str, running: bool, reachable: bool) -> list[RedisSlot]:
+    """The Redis launch runs (`launch.start_redis`): kept while our actor runs, started when
+    nothing answers at the URL, none when another Redis answers there (launch joins it)."""
+    if not config.launch.start_redis or (reachable and not running):
+        return []
+    options = redis_placement(redis_url)
+    return [RedisSlot(Slot("redis", digest({"url": redis_url, "options": options})), redis_url, options)]
 
 
 def worker_slots(config: ClusterConfig, redis_url: str) -> list[WorkerSlot]:

@@ -154,8 +154,8 @@ class RayHead:
 @contextmanager
 def router(redis_url: str, cluster: str, key: str):
     port = _free_port()
-    env = {**os.environ, "PDSERVE_API_KEY": key}
-    proc = subprocess.Popen([str(BIN / "pdserve"), "router", "--redis-url", redis_url, "--cluster", cluster,
+    env = {**os.environ, "PDSERVE_API_KEY": key, "PDSERVE_REDIS_URL": redis_url}  # secrets off the command line
+    proc = subprocess.Popen([str(BIN / "pdserve"), "router", "--cluster", cluster,
                              "--port", str(port), "--log-level", "WARNING"], env=env, cwd="/",
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -205,18 +205,31 @@ def _maps_torch(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
-def test_ray_job_launch_routers_outside_and_reconcile(tmp_path, redis_url):
+def _answers(url: str) -> bool:
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0) as client:
+            return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def test_ray_job_launch_routers_outside_and_reconcile(tmp_path):
     from engine.loader import resolve_model_path
 
     resolve_model_path(None)  # the default model's folder, converted once (the router reads it)
     cluster = f"rj{secrets.token_hex(3)}"
     key = secrets.token_hex(8)
+    # Nothing answers there yet: the launch starts the cluster's Redis at this URL (start_redis).
+    redis_url = f"redis://:{secrets.token_hex(8)}@127.0.0.1:{_free_port()}/0"
     config = {
         "cluster": cluster, "redis_url": redis_url, "prefill": 1, "decode": 1, "kv_transport": "grpc",
         "engine": {"num_kv_blocks": 256, "max_model_len": 2048, "max_num_seqs": 16},
         "placement": {"prefill": {"resources": {"pd_prefill_pool": 1}},
                       "decode": {"resources": {"pd_decode_pool": 1}}},
-        "launch": {"reconcile_interval_s": 2, "stop_timeout_s": 5, "routers": 1, "router_num_cpus": 0.5},
+        "launch": {"reconcile_interval_s": 2, "stop_timeout_s": 5, "routers": 1, "router_num_cpus": 0.5,
+                   "start_redis": True},
         "host": "127.0.0.1", "port": 0, "api_keys": [key],  # the router actor's; keys travel as actor args
     }
     path = tmp_path / "cluster.yaml"
@@ -238,8 +251,9 @@ def test_ray_job_launch_routers_outside_and_reconcile(tmp_path, redis_url):
             _wait("the launched workers, seen by both routers", both_ready, 600, every_s=2)
             ready_s = time.monotonic() - started
             logs = head.ray("job", "logs", "--address", head.address, job).stdout
-            assert "2 workers ready" in logs and "(kept 0, stopping 0, starting 3)" in logs, logs
-            assert key not in logs  # keys never in logs
+            assert "2 workers ready" in logs and "(kept 0, stopping 0, starting 4)" in logs, logs
+            assert "starting a Redis there" in logs and _answers(redis_url)
+            assert key not in logs and redis_url.split("@")[0].split(":")[-1] not in logs  # no secrets in logs
             (url_actor,) = re.findall(r"router at (http://\S+)/v1", logs)
             # Workers bound 0.0.0.0 and registered the IP their Ray node registered (Ray picks the
             # host's interface address even for a loopback head), which routers dialled.
@@ -265,7 +279,7 @@ def test_ray_job_launch_routers_outside_and_reconcile(tmp_path, redis_url):
             # A second launch of the same config (as after a lost driver) adopts what runs.
             out = head.ray("job", "submit", "--address", head.address, "--", str(BIN / "pdserve"), "launch",
                            "--config", str(path), "--once", timeout_s=300)
-            assert "(kept 3, stopping 0, starting 0)" in out.stdout, out.stdout[-3000:]
+            assert "(kept 4, stopping 0, starting 0)" in out.stdout, out.stdout[-3000:]
             again = _worker_actors(head, namespace)
             assert len(again) == 2 and {a["pid"] for a in again} == worker_pids
             assert _chat(url_b, key) == answer
@@ -280,6 +294,7 @@ def test_ray_job_launch_routers_outside_and_reconcile(tmp_path, redis_url):
             assert _worker_actors(head, namespace) == [] and _actors(head, namespace, "RouterActor") == []
             with pytest.raises(openai.APIConnectionError):
                 _chat(url_actor, key)
+            assert not _answers(redis_url)  # the Redis the job started stopped with it, last
             _wait("router b to see no worker", lambda: not _ready(url_b), 30)
             proc_b.terminate()  # SIGTERM: a clean exit
             assert proc_b.wait(30) == 0

@@ -108,3 +108,25 @@ def test_router_slots_ports_and_what_restarts_them():
     more_workers = router_slots(config.model_copy(update={"decode": 3}), "redis://r")
     assert [s.slot for s in more_workers] == [s.slot for s in r]
     assert router_slots(ClusterConfig(), "redis://r") == []
+
+
+def test_redis_slot_only_when_asked_and_nothing_else_answers():
+    from cluster.deploy.layout import redis_slots
+
+    url = "redis://:pw@127.0.0.1:6390/0"
+    on = ClusterConfig(redis_url=url, launch={"start_redis": True})
+    assert redis_slots(ClusterConfig(redis_url=url), url, running=False, reachable=False) == []
+    assert redis_slots(on, url, running=False, reachable=True) == []  # another Redis answers: join it
+    (slot,) = redis_slots(on, url, running=False, reachable=False)
+    assert slot.slot.name == "redis" and slot.options == {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+    assert redis_slots(on, url, running=True, reachable=True)[0].slot == slot.slot  # ours answers: keep it
+    assert "pw" not in repr(slot) and "pw" not in slot.slot.actor_name
+
+
+def test_redis_placement_follows_the_url_host():
+    from cluster.deploy.layout import redis_placement
+
+    assert redis_placement("redis://10.0.0.9:6379/0")["resources"] == {"node:10.0.0.9": 0.001}
+    for bad in ("redis://redis.internal:6379/0", "unix:///tmp/r.sock", "redis://127.0.0.1/0"):
+        with pytest.raises(ValueError):
+            redis_placement(bad)
