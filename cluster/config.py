@@ -219,6 +219,8 @@ class ClusterConfig(_Strict):
     port: int = Field(8000, ge=0, le=65535, description="the router's HTTP port (0 = pick a free one)")
     worker_host: str | None = Field(None, description="workers' bind address (gRPC + KV); None = `host` under "
                                     "`pdserve serve`, 0.0.0.0 under `pdserve launch`")
+    worker_port: int = Field(0, ge=0, le=65535, description="workers' gRPC port (Worker and KV services); 0 = a free "
+                             "port each. A fixed port (one a NetworkPolicy can name) allows one worker per node")
     advertise_host: str | None = Field(None, description="address workers register for others to dial; None = "
                                        "the bind address, or the node's IP (Ray's) when that is a wildcard")
     redis_url: str | None = Field(None, description="the cluster-state Redis; None = start an embedded one "
@@ -283,7 +285,7 @@ class ClusterConfig(_Strict):
         ep = expert_parallel_size or self.engine.expert_parallel_size
         engine = self.engine if ep == self.engine.expert_parallel_size else \
             self.engine.model_copy(update={"expert_parallel_size": ep})
-        return WorkerSpec(role=role, engine=engine, host=host or self.worker_host or self.host,
+        return WorkerSpec(role=role, engine=engine, host=host or self.worker_host or self.host, port=self.worker_port,
                           advertise_host=self.advertise_host, redis_url=redis_url, cluster=self.cluster,
                           kv_transport=self.kv_transport, kv_failure_policy=self.kv_failure_policy,
                           kv_lease_seconds=self.kv_lease_seconds, num_threads=self.worker_threads,

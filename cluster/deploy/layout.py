@@ -15,8 +15,8 @@ from cluster.deploy.reconcile import Slot, digest
 LAUNCH_WORKER_HOST = "0.0.0.0"
 
 # Fields a router does not depend on: changing them must not restart the routers.
-_NOT_ROUTER = {"prefill", "decode", "mixed", "workers", "placement", "worker_host", "advertise_host", "worker_threads",
-               "cpu_bind", "kv_transport", "kv_failure_policy", "kv_lease_seconds", "migrate_kv",
+_NOT_ROUTER = {"prefill", "decode", "mixed", "workers", "placement", "worker_host", "worker_port", "advertise_host",
+               "worker_threads", "cpu_bind", "kv_transport", "kv_failure_policy", "kv_lease_seconds", "migrate_kv",
                "drain_timeout_seconds"}
 
 

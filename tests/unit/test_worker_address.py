@@ -38,9 +38,10 @@ def test_config_binds_workers_and_advertises():
     c = ClusterConfig()
     assert {s.host for s in c.worker_specs("redis://r")} == {"127.0.0.1"}  # pdserve serve: unchanged
     assert {s.host for s in c.worker_specs("redis://r", host="0.0.0.0")} == {"0.0.0.0"}  # launch's default
-    c = ClusterConfig(worker_host="10.0.0.5", advertise_host="node-a")
+    assert {s.port for s in c.worker_specs("redis://r")} == {0}  # a free port each
+    c = ClusterConfig(worker_host="10.0.0.5", advertise_host="node-a", worker_port=50051)
     spec = c.worker_specs("redis://r", host=None)[0]
-    assert (spec.host, spec.advertise_host) == ("10.0.0.5", "node-a")
+    assert (spec.host, spec.advertise_host, spec.port) == ("10.0.0.5", "node-a", 50051)
 
 
 def test_pool_placement_ray_options():
