@@ -205,8 +205,9 @@ def run_launch(config: ClusterConfig, stop: threading.Event, once: bool = False)
                 logger.warning("reconcile failed (retrying in %.0f s): %s", interval, exc)
     except LaunchStopped:
         pass
-    except (TimeoutError, ValueError) as exc:
-        print(f"pdserve launch: error: {exc}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - a worker that failed to start (RayTaskError), a timeout, bad input
+        logger.exception("launch failed")
+        print(f"pdserve launch: error: {type(exc).__name__}: {exc}", flush=True)
         status = 1
     finally:
         if not once:
