@@ -31,9 +31,9 @@ def router_config(args: argparse.Namespace):
     data = ClusterConfig.from_yaml(args.config).model_dump() if args.config else {}
     engine = {k: v for k in ("model", "max_model_len", "block_size") if (v := getattr(args, k)) is not None}
     data["engine"] = {**data.get("engine", {}), **engine}
-    fields = dict(redis_url=args.redis_url or os.environ.get(REDIS_URL_ENV), host=args.host, port=args.port, cluster=args.cluster,
-                  served_model_name=args.served_model_name, rate_limit_per_minute=args.rate_limit_per_minute,
-                  reasoning_parser=args.reasoning_parser)
+    fields = dict(redis_url=args.redis_url or os.environ.get(REDIS_URL_ENV), host=args.host, port=args.port,
+                  cluster=args.cluster, served_model_name=args.served_model_name,
+                  rate_limit_per_minute=args.rate_limit_per_minute, reasoning_parser=args.reasoning_parser)
     data.update({k: v for k, v in fields.items() if v is not None})
     if keys := _keys(args.api_key, "PDSERVE_API_KEY"):
         data["api_keys"] = keys
@@ -100,7 +100,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--config", default=None, help="YAML with ClusterConfig fields (flags override it)")
     r.add_argument("--redis-url", default=None, help="the cluster's Redis (default: $PDSERVE_REDIS_URL, then "
                                                      "--config's redis_url; one of them is required)")
-    r.add_argument("--cluster", default=None, help="cluster name: the Redis key prefix the workers use (default 'default')")
+    r.add_argument("--cluster", default=None,
+                   help="cluster name: the Redis key prefix the workers use (default 'default')")
     r.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in a container)")
     r.add_argument("--port", type=int, default=None, help="HTTP port (default 8000; 0 = pick a free one)")
     r.add_argument("--model", default=None, help="the workers' model: HF folder (default: the default model's "

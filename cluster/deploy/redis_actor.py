@@ -59,7 +59,8 @@ class RedisActor:
             self.proc = subprocess.Popen([_binary(), str(conf)], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                          preexec_fn=_die_with_parent)
-            local = parts._replace(netloc=f"{':' + parts.password + '@' if parts.password else ''}127.0.0.1:{parts.port}")
+            auth = f":{parts.password}@" if parts.password else ""
+            local = parts._replace(netloc=f"{auth}127.0.0.1:{parts.port}")
             deadline = time.monotonic() + timeout_s
             while True:
                 if self.proc.poll() is not None:

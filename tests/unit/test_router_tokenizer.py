@@ -99,7 +99,7 @@ def test_router_import_path_loads_neither_torch_nor_engine(folder):
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'engine', 'transformers'))\n"
         "print('BAD', bad)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{REPO / 'proto'}", "HOME": str(Path.home())})
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{REPO / 'proto'}", "HOME": str(Path.home())}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "BAD []" in out.stdout, out.stdout
