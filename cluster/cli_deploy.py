@@ -75,7 +75,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from cluster.config import ClusterConfig
-    from cluster.deploy.launcher import run_launch
+    from cluster.deploy.launcher import run_down, run_launch
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -91,6 +91,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if args.down:
+        return run_down(config)
     return run_launch(config, stop, once=args.once)
 
 
@@ -128,7 +130,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     la.add_argument("--redis-url", default=None, help="override the config's redis_url (default: "
                                                       "$PDSERVE_REDIS_URL when set)")
     la.add_argument("--ray-address", default=None, help="override the config's ray_address (default: auto)")
-    la.add_argument("--once", action="store_true", help="reconcile, then exit leaving the workers running "
-                                                        "(they are detached)")
+    mode = la.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="reconcile, then exit leaving the workers running "
+                                                          "(they are detached)")
+    mode.add_argument("--down", action="store_true", help="stop every actor of the cluster (a running launch "
+                                                          "steps down), then exit")
     la.add_argument("--log-level", default="INFO")
     la.set_defaults(func=_cmd_launch)

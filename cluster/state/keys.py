@@ -50,6 +50,10 @@ class Keys:
         """Leader lease of the planner."""
         return f"{self.base}:planner"
 
+    def launcher(self) -> str:
+        """Hash of the `pdserve launch` that leads the cluster's actors: owner, config digest, ts."""
+        return f"{self.base}:launcher"
+
     def events(self) -> str:
         """Stream of cluster events (role changes)."""
         return f"{self.base}:events"

@@ -284,6 +284,31 @@ def test_ray_job_launch_routers_outside_and_reconcile(tmp_path):
             assert len(again) == 2 and {a["pid"] for a in again} == worker_pids
             assert _chat(url_b, key) == answer
 
+            # A changed worker count applied by a one-off launch: it takes the lead and starts only
+            # the new worker; the first job sees it was replaced and ends without stopping anything.
+            config["decode"] = 2
+            path2 = tmp_path / "cluster2.yaml"
+            path2.write_text(yaml.safe_dump(config))
+            out = head.ray("job", "submit", "--address", head.address, "--", str(BIN / "pdserve"), "launch",
+                           "--config", str(path2), "--once", timeout_s=600)
+            assert "3 workers ready (kept 4, stopping 0, starting 1)" in out.stdout, out.stdout[-3000:]
+            _wait("the first job to step down", lambda: "succeeded" in _job_status(head, job).lower(), 60)
+            assert "another launch has taken the lead" in head.ray("job", "logs", "--address", head.address,
+                                                                    job).stdout
+            grown = _worker_actors(head, namespace)
+            assert len(grown) == 3 and worker_pids < {a["pid"] for a in grown}
+            assert _chat(url_b, key) == answer
+
+            # A lasting launch of the new config adopts all of it; `ray job stop` then ends it all.
+            job = f"{job}-2"
+            head.ray("job", "submit", "--address", head.address, "--submission-id", job, "--no-wait", "--",
+                     str(BIN / "pdserve"), "launch", "--config", str(path2))
+            _wait("the second job to adopt the cluster", lambda: "workers ready" in head.ray(
+                "job", "logs", "--address", head.address, job, check=False).stdout, 300, every_s=2)
+            logs = head.ray("job", "logs", "--address", head.address, job).stdout
+            assert "3 workers ready (kept 5, stopping 0, starting 0)" in logs, logs
+            worker_pids = {a["pid"] for a in grown}
+
             head.ray("job", "stop", "--address", head.address, job, timeout_s=120)
             try:
                 _wait("the job to stop", lambda: "stopped" in _job_status(head, job).lower(), 60)

@@ -130,3 +130,25 @@ def test_redis_placement_follows_the_url_host():
     for bad in ("redis://redis.internal:6379/0", "unix:///tmp/r.sock", "redis://127.0.0.1/0"):
         with pytest.raises(ValueError):
             redis_placement(bad)
+
+
+# ----- lead (which launch owns the actors) -----
+def test_lead_goes_to_the_last_launch_that_changes_something():
+    from cluster.deploy.lead import LaunchRecord, superseded, takes_lead
+
+    live = LaunchRecord("old", "d1", ts=100.0)
+    assert takes_lead(None, "me", "d1", once=False, now=101, ttl_s=10)
+    assert takes_lead(live, "me", "d2", once=True, now=101, ttl_s=10)  # a changed config takes over
+    assert takes_lead(live, "me", "d1", once=False, now=101, ttl_s=10)  # a resubmitted lasting job too
+    assert not takes_lead(live, "me", "d1", once=True, now=101, ttl_s=10)  # --once of the same config does not
+    assert takes_lead(live, "me", "d1", once=True, now=111, ttl_s=10)  # the old leader's driver is gone
+    assert takes_lead(live, "old", "d2", once=False, now=101, ttl_s=10)
+    assert not superseded(live, "old") and superseded(live, "me") and superseded(None, "old")
+
+
+def test_lead_record_round_trips_and_tolerates_junk():
+    from cluster.deploy.lead import LaunchRecord
+
+    r = LaunchRecord("a1", "d", 12.5)
+    assert LaunchRecord.from_hash(r.to_hash()) == r
+    assert LaunchRecord.from_hash({}) is None and LaunchRecord.from_hash({"owner": "x", "ts": "soon"}) is None
