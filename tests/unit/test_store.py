@@ -285,6 +285,7 @@ def test_keys_schema():
     assert k.ratelimit("deadbeef", 7) == "pdserve:c1:ratelimit:deadbeef:7"
     assert k.planner() == "pdserve:c1:planner"
     assert k.events() == "pdserve:c1:events"
+    assert k.launcher() == "pdserve:c1:launcher"
 
 
 # ----- embedded -----
