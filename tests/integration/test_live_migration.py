@@ -1,7 +1,7 @@
 """Live migration: a migrating role switch moves each running decode sequence to another decode
 worker with its KV (pinned on the worker it leaves under a lease, pulled over the KV transport),
 and the target continues from the exact state: the same tokens as an unmigrated run, greedy and
-seeded. A failed pull falls back to recomputing the sequence there, counted.
+seeded, and both choices of an n=2 request. A failed pull falls back to recomputing the sequence there, counted.
 
 Two 1P+2D clusters (Ray actors, real Redis, the admin API and the `openai` client over HTTP),
 float32 default model: one over NIXL; one over gRPC whose KV leases last 1 ms, so that every pull
@@ -24,7 +24,8 @@ ENGINE = TEST_ENGINE.model_copy(update={"dtype": "float32"})
 KEY = "sk-user"
 ADMIN = "sk-admin"
 PROMPT = "Write a long story about a lighthouse keeper."
-SAMPLING = {"greedy": dict(temperature=0), "seeded": dict(temperature=1.0, top_p=0.95, seed=11)}
+SAMPLING = {"greedy": dict(temperature=0), "seeded": dict(temperature=1.0, top_p=0.95, seed=11),
+            "two_choices": dict(temperature=1.0, seed=5, n=2)}
 MAX_TOKENS = 120
 
 
@@ -77,17 +78,29 @@ def moved_mid_stream(session, kinds) -> tuple[dict[str, str], str, str]:
     switch(session, y, "decode")
     w = switch(session, x, "prefill", migrate=True)
     assert "migrating" in [e["phase"] for e in w["history"]]
-    texts = {k: "".join(c.choices[0].text for c in heads[k] + list(s) if c.choices) for k, s in streams.items()}
+    texts = {k: choice_texts(heads[k] + list(s)) for k, s in streams.items()}
     switch(session, x, "decode")
     return texts, x, y
 
 
-def reference(session) -> dict[str, str]:
+def choice_texts(chunks) -> tuple[str, ...]:
+    """Each choice's text, by index, from a completion's stream chunks."""
+    parts: dict[int, list[str]] = {}
+    for c in chunks:
+        for ch in c.choices:
+            parts.setdefault(ch.index, []).append(ch.text)
+    return tuple("".join(parts[i]) for i in sorted(parts))
+
+
+def reference(session) -> dict[str, tuple[str, ...]]:
     client = openai.OpenAI(base_url=f"{session.url}/v1", api_key=KEY, max_retries=0, timeout=300)
     model = client.models.list().data[0].id
-    return {k: client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS,
-                                         extra_body={"ignore_eos": True}, **p).choices[0].text
-            for k, p in SAMPLING.items()}
+    out = {}
+    for k, p in SAMPLING.items():
+        resp = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                         extra_body={"ignore_eos": True}, **p)
+        out[k] = tuple(c.text for c in sorted(resp.choices, key=lambda c: c.index))
+    return out
 
 
 def grew(after, before, wid: str, field: str) -> int:
@@ -98,11 +111,12 @@ def test_moved_sequences_continue_from_their_kv_exactly(clusters):
     session = clusters[0]
     ref = reference(session)
     before = stats(session)
-    texts, x, y = moved_mid_stream(session, ["greedy", "seeded"])
+    texts, x, y = moved_mid_stream(session, ["greedy", "seeded", "two_choices"])
     assert texts == ref
+    assert len(set(texts["two_choices"])) == 2  # two seeded choices, each continued as itself
     after = stats(session)
-    assert grew(after, before, x, "sequences_migrated_total") == 2
-    assert grew(after, before, y, "sequences_migrated_in_total") == 2  # pulled, not recomputed
+    assert grew(after, before, x, "sequences_migrated_total") == 4
+    assert grew(after, before, y, "sequences_migrated_in_total") == 4  # pulled, not recomputed
     assert grew(after, before, y, "migration_recompute_total") == 0
     assert grew(after, before, y, "requests_resumed_total") == 0
     assert grew(after, before, y, "kv_transfers_total") >= 2 and grew(after, before, y, "kv_transfer_failures_total") == 0
