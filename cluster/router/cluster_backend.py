@@ -67,6 +67,20 @@ def model_info(engine: EngineArgs, served_model_name: str) -> ModelInfo:
     return ModelInfo(served_model_name, max_len, tok, eos_ids, int(time.time()))
 
 
+def config_mismatches(workers, block_size: int, max_model_len: int) -> list[str]:
+    """Workers whose published KV block size or context length differ from this router's (a
+    router started with another config than the workers'): what is wrong, one line each. Pure."""
+    out = []
+    for w in workers:
+        if w.block_size and w.block_size != block_size:
+            out.append(f"worker {w.worker_id} uses KV blocks of {w.block_size} tokens, this router {block_size} "
+                       "(the prefix index then misses): give the router the workers' engine.block_size")
+        if w.max_model_len and w.max_model_len != max_model_len:
+            out.append(f"worker {w.worker_id} serves max_model_len {w.max_model_len}, this router checks "
+                       f"{max_model_len}: give the router the workers' engine.max_model_len")
+    return out
+
+
 def _moved_handle(exc: grpc.aio.AioRpcError, num_tokens: int) -> kv_pb2.KVHandle | None:
     """The KV handle a moved stream left, if it covers exactly the tokens the client has (prompt +
     generated - 1: the last token's KV is computed by the next worker); else None (recompute)."""
@@ -105,6 +119,7 @@ class ClusterBackend:
         self.reroutes_total = 0
         self.resumes_total = 0
         self._bg: set[asyncio.Task] = set()
+        self._warned: set[str] = set()
 
     # ----- Backend protocol -----
     async def generate(self, request: GenerationRequest) -> AsyncIterator[worker_pb2.TokenChunk]:
@@ -125,9 +140,18 @@ class ClusterBackend:
             await self.pool.refresh(force=True)  # /ready reports the registry as it is now
         except Exception as exc:  # noqa: BLE001 - Redis down: not ready, say why
             return False, f"registry unavailable: {exc}"
+        self._warn_mismatches()
         if self._servable():
             return True, "ready"
         return False, self._missing()
+
+    def _warn_mismatches(self) -> None:
+        """Log, once each, workers started with another block size or context length."""
+        for line in config_mismatches([c.info for c in self.pool.conns.values()], self.block_size,
+                                      self.model.max_model_len):
+            if line not in self._warned:
+                self._warned.add(line)
+                logger.warning("%s", line)
 
     async def worker_stats(self) -> list[worker_pb2.StatsResponse]:
         await self.pool.refresh()

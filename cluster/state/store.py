@@ -115,6 +115,8 @@ class WorkerInfo:
     started_ts: float = 0.0
     expert_parallel_size: int = 1
     phase: str = "ready"  # the worker's admission phase (cluster.worker.roles)
+    block_size: int = 0  # KV block size (the prefix index's unit); 0 = not published
+    max_model_len: int = 0  # 0 = not published
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -137,6 +139,8 @@ class WorkerInfo:
             "started_ts": repr(float(self.started_ts)),
             "expert_parallel_size": str(int(self.expert_parallel_size)),
             "phase": self.phase,
+            "block_size": str(int(self.block_size)),
+            "max_model_len": str(int(self.max_model_len)),
         }
 
     @classmethod
@@ -155,6 +159,8 @@ class WorkerInfo:
             started_ts=float(h.get("started_ts", 0.0)),
             expert_parallel_size=int(h.get("expert_parallel_size", 1)),
             phase=h.get("phase", "ready"),
+            block_size=int(h.get("block_size", 0)),
+            max_model_len=int(h.get("max_model_len", 0)),
         )
 
 

@@ -113,6 +113,7 @@ class WorkerRuntime:
             logger.info("worker %s: expert-parallel group of %d, rank pids %s", self.worker_id, self.ep_size,
                         self.ep_pids)
         self.block_size = engine.config.cache.block_size
+        self.max_model_len = engine.config.scheduler.max_model_len
         self.model_name = engine.config.model.path
         self.layout = KVLayout.from_engine_config(engine.config)
         aio = asyncio.get_running_loop()
@@ -248,7 +249,8 @@ class WorkerRuntime:
         return WorkerInfo(worker_id=self.worker_id, address=self.address, role=self.role, epoch=self.epoch,
                           model=self.model_name, layout_hash=self.layout.hash(), transport=self.spec.kv_transport,
                           load=load, heartbeat_ts=time.time(), ready=self.roles.ready, started_ts=self.started_ts,
-                          expert_parallel_size=self.ep_size, phase=self.roles.phase)
+                          expert_parallel_size=self.ep_size, phase=self.roles.phase, block_size=self.block_size,
+                          max_model_len=self.max_model_len)
 
     # ----- role switching (driven by self.switcher) -----
     async def _publish_phase(self) -> None:

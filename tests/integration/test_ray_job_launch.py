@@ -23,6 +23,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -152,10 +153,12 @@ class RayHead:
 
 
 @contextmanager
-def router(redis_url: str, cluster: str, key: str):
+def router(config: Path, redis_url: str, key: str):
+    """`pdserve router` with the launch's own config file (cluster name, engine limits), as the README
+    advises; the Redis URL and the key come from the environment (secrets off the command line)."""
     port = _free_port()
-    env = {**os.environ, "PDSERVE_API_KEY": key, "PDSERVE_REDIS_URL": redis_url}  # secrets off the command line
-    proc = subprocess.Popen([str(BIN / "pdserve"), "router", "--cluster", cluster,
+    env = {**os.environ, "PDSERVE_API_KEY": key, "PDSERVE_REDIS_URL": redis_url}
+    proc = subprocess.Popen([str(BIN / "pdserve"), "router", "--config", str(config),
                              "--port", str(port), "--log-level", "WARNING"], env=env, cwd="/",
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -168,8 +171,6 @@ def router(redis_url: str, cluster: str, key: str):
 
 
 def _ready(url: str) -> bool:
-    import httpx
-
     try:
         return httpx.get(f"{url}/ready", timeout=2).status_code == 200
     except httpx.HTTPError:
@@ -199,6 +200,12 @@ def _actors(head: RayHead, namespace: str, class_name: str) -> list[dict]:
 def _job_status(head: RayHead, job: str) -> str:
     out = head.ray("job", "status", "--address", head.address, job, check=False)
     return out.stdout + out.stderr
+
+
+def _logs_with(head: RayHead, job: str, text: str) -> str:
+    """The job's logs once they contain `text`, else ""."""
+    out = head.ray("job", "logs", "--address", head.address, job, check=False).stdout
+    return out if text in out else ""
 
 
 def _maps_torch(pid: int) -> bool:
@@ -242,7 +249,7 @@ def test_ray_job_launch_routers_outside_and_reconcile(tmp_path):
         head.start()
         head.ray("job", "submit", "--address", head.address, "--submission-id", job, "--no-wait", "--",
                  str(BIN / "pdserve"), "launch", "--config", str(path))
-        with router(redis_url, cluster, key) as (proc_a, url_a), router(redis_url, cluster, key) as (proc_b, url_b):
+        with router(path, redis_url, key) as (proc_a, url_a), router(path, redis_url, key) as (proc_b, url_b):
             def both_ready():
                 status = _job_status(head, job)
                 assert "FAILED" not in status, head.ray("job", "logs", "--address", head.address, job).stdout
@@ -250,7 +257,8 @@ def test_ray_job_launch_routers_outside_and_reconcile(tmp_path):
 
             _wait("the launched workers, seen by both routers", both_ready, 600, every_s=2)
             ready_s = time.monotonic() - started
-            logs = head.ray("job", "logs", "--address", head.address, job).stdout
+            # The job reports once its router actor is up too (after the workers).
+            logs = _wait("the job to report", lambda: _logs_with(head, job, "workers ready"), 300, every_s=2)
             assert "2 workers ready" in logs and "(kept 0, stopping 0, starting 4)" in logs, logs
             assert "starting a Redis there" in logs and _answers(redis_url)
             assert key not in logs and redis_url.split("@")[0].split(":")[-1] not in logs  # no secrets in logs
@@ -260,6 +268,8 @@ def test_ray_job_launch_routers_outside_and_reconcile(tmp_path):
             (node,) = json.loads(head.ray("list", "nodes", "--address", head.address, "--format", "json").stdout)
             assert logs.count(f" at {node['node_ip']}:") == 2 and "0.0.0.0:" not in logs, (node, logs)
 
+            models = httpx.get(f"{url_a}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+            assert models["data"][0]["max_model_len"] == 2048  # the workers' limit, from the shared config
             answer = _chat(url_a, key)
             assert answer and _chat(url_b, key) == answer  # greedy: the same workers, the same tokens
             assert _chat(url_actor, key) == answer  # the router the job started as a Ray actor
@@ -303,9 +313,8 @@ def test_ray_job_launch_routers_outside_and_reconcile(tmp_path):
             job = f"{job}-2"
             head.ray("job", "submit", "--address", head.address, "--submission-id", job, "--no-wait", "--",
                      str(BIN / "pdserve"), "launch", "--config", str(path2))
-            _wait("the second job to adopt the cluster", lambda: "workers ready" in head.ray(
-                "job", "logs", "--address", head.address, job, check=False).stdout, 300, every_s=2)
-            logs = head.ray("job", "logs", "--address", head.address, job).stdout
+            logs = _wait("the second job to adopt the cluster", lambda: _logs_with(head, job, "workers ready"), 300,
+                         every_s=2)
             assert "3 workers ready (kept 5, stopping 0, starting 0)" in logs, logs
             worker_pids = {a["pid"] for a in grown}
 
