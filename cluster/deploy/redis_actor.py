@@ -76,6 +76,7 @@ class RedisActor:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"redis-server did not answer within {timeout_s:.0f} s")
                 time.sleep(0.05)
+            conf.unlink()  # read at start: the password does not stay on disk
             logger.info("Redis (pid %d) listening on port %d", self.proc.pid, parts.port)
         return {"pid": self.proc.pid}
 

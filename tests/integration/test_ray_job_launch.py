@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -150,6 +151,7 @@ class RayHead:
         pids = _tree(self.pids | _mentioning(self.tmp))
         _terminate(pids)
         self.pids = pids
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 @contextmanager
