@@ -23,7 +23,8 @@ greedy continuation and, for seeded sampling, the same continuation (the seeded 
 position is the number of tokens generated). At most `max_resumes` times per request.
 A stream that a migrating role switch handed back (UNAVAILABLE with the `pdserve-moved` trailing
 metadata, cluster/rpc.py) is resumed the same way, but it is no failure: the worker is not marked
-down, and such moves are bounded by `max_reroutes` instead.
+down, and such moves are bounded by `max_reroutes` instead. When it left its KV pinned (a handle
+in that metadata), the next decode or mixed worker pulls it instead of recomputing.
 """
 from __future__ import annotations
 
@@ -360,10 +361,15 @@ class ClusterBackend:
         attempts = 0
         resumes: Counter[str] = Counter()
         generated: list[int] = []
+        left_kv: kv_pb2.KVHandle | None = None  # the KV a moved stream left pinned on its worker
         while True:
             conn = await self._pick_prefill(request, "mixed", tried)
             conn.inflight += 1
-            call = conn.stub.Generate(self._generate_pb(request, conn.info.epoch, generated))
+            if left_kv is not None:  # moved with its KV: the next mixed worker pulls it and goes on
+                call = conn.stub.Decode(worker_pb2.DecodeRequest(
+                    request=self._generate_pb(request, conn.info.epoch, generated), handle=left_kv))
+            else:
+                call = conn.stub.Generate(self._generate_pb(request, conn.info.epoch, generated))
             finished = got_any = retry = moved = False
             try:
                 async for chunk in call:
@@ -377,6 +383,11 @@ class ClusterBackend:
                 # mixed worker can run it from the start, as _prefill does. Mid-stream: resume there.
                 attempts += 1
                 moved = was_moved(exc)
+                if moved:
+                    left_kv = _moved_handle(exc, len(request.prompt_token_ids) + len(generated) - 1) \
+                        if generated else None
+                elif got_any:  # the stream went on past the tokens that KV covers
+                    left_kv = None
                 retry = not got_any and not moved and await self._rerouted(conn, exc, tried, attempts)
                 if not retry and (generated or moved) and await self._may_resume(exc, conn, resumes, tried):
                     retry = True
@@ -388,7 +399,9 @@ class ClusterBackend:
                 conn.inflight -= 1
                 if not finished:
                     call.cancel()
-                    if retry and moved:  # a healthy worker: the Abort lands before the resume is sent
+                    if retry and moved and left_kv is not None:
+                        pass  # its KV waits there for the next worker's pull (a lease frees it otherwise)
+                    elif retry and moved:  # a healthy worker: the Abort lands before the resume is sent
                         await self._abort_now(conn, request.request_id)
                     else:
                         self._abort_later(conn, request.request_id)

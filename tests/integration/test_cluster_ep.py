@@ -39,6 +39,8 @@ MAX_TOKENS = 8
 LONG_CONTEXT = 4096
 LONG_STREAM = 3000  # tokens: seconds of decoding even at the tiny model's fastest
 TOP_K = 2  # the tiny MoE routes each token to 2 experts
+ADMIN = "sk-ep-admin"
+SWITCH_STREAM = 160  # tokens per stream in the switch test: still decoding when the switch lands
 EXPERT_LINE = re.compile(r'^pdserve:expert_tokens_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
 
 
@@ -86,7 +88,7 @@ def clusters(redis_server, engine_args):
     dp_cfg = cluster_config("ep-dp", engine=engine_args,
                             workers=(WorkerGroup(role="prefill"), WorkerGroup(role="decode", expert_parallel_size=2)))
     # Mixed workers move no KV: gRPC transport spares them NIXL's start-up (seconds each here).
-    mixed_cfg = cluster_config("ep-mixed", engine=engine_args, kv_transport="grpc",
+    mixed_cfg = cluster_config("ep-mixed", engine=engine_args, kv_transport="grpc", admin_api_keys=(ADMIN,),
                                workers=(WorkerGroup(role="mixed", expert_parallel_size=2), WorkerGroup(role="mixed")))
     # 2 + 1 CPUs for P (EP=2) and D, 1 + 2 for P and D (EP=2), 2 + 1 for the mixed pair, 2 for the
     # prefill worker the last test adds: what the workers reserve.
@@ -179,6 +181,68 @@ def test_ep_workers_give_the_offline_greedy_tokens(clusters, offline):
     assert all(mixed_after[k] > mixed_before[k] for k in mixed_after), (mixed_before, mixed_after)
     for session in clusters.values():
         assert worker_leaks(session) == []
+
+
+def _admin(session, method: str, path: str, **kw) -> httpx.Response:
+    return httpx.request(method, f"{session.url}/admin{path}", headers={"Authorization": f"Bearer {ADMIN}"},
+                         timeout=30, **kw)
+
+
+def _switch(session, wid: str, role: str, migrate: bool = False) -> dict:
+    epoch = _admin(session, "GET", f"/workers/{wid}").json()["epoch"]
+    resp = _admin(session, "POST", f"/workers/{wid}/role", json={"role": role, "expected_epoch": epoch,
+                                                                 "migrate": migrate})
+    assert resp.status_code == 202, resp.text
+    deadline = time.monotonic() + 120
+    while True:
+        w = _admin(session, "GET", f"/workers/{wid}").json()
+        if w["phase"] in ("ready", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert (w["phase"], w["role"], w["epoch"]) == ("ready", role, epoch + 1), w
+    return w
+
+
+def test_ep_group_switches_role_as_a_whole_while_its_streams_move(clusters):
+    """The EP=2 mixed worker (two ranks that compute each step together) turns prefill with
+    migrate while it decodes three greedy streams: they move to the EP=1 mixed worker with their KV and
+    finish with the tokens of an unswitched run; the group's epoch moves once per switch, as one
+    worker, and it turns back to mixed with no block left behind."""
+    mixed = clusters["mixed"]
+    ep2 = _by_ep(mixed)[2][0]["worker_id"]
+    ep1 = _by_ep(mixed)[1][0]["worker_id"]
+    client = _client(mixed)
+    model = client.models.list().data[0].id
+    body = dict(model=model, temperature=0, max_tokens=SWITCH_STREAM, extra_body={"ignore_eos": True})
+    reference = [client.completions.create(prompt=p, **body).choices[0].text for p in PROMPTS]
+
+    def stats_of(wid):
+        return next(s for k, s in worker_stats(mixed).items() if k.endswith(wid))
+
+    _switch(mixed, ep1, "prefill")  # the EP=2 group is the only decoder while the streams start
+    try:
+        streams = [iter(client.completions.create(prompt=p, stream=True, **body)) for p in PROMPTS]
+        heads = [[next(s) for _ in range(3)] for s in streams]  # decoding on the EP=2 group now
+    finally:
+        _switch(mixed, ep1, "mixed")
+    before_out, before_in = stats_of(ep2), stats_of(ep1)
+    w = _switch(mixed, ep2, "prefill", migrate=True)
+    assert "migrating" in [e["phase"] for e in w["history"]] and w["expert_parallel_size"] == 2
+    texts = ["".join(c.choices[0].text for c in h + list(s) if c.choices) for h, s in zip(heads, streams)]
+    assert texts == reference
+    after_out, after_in = stats_of(ep2), stats_of(ep1)
+    assert after_out.sequences_migrated_total - before_out.sequences_migrated_total == len(PROMPTS)
+    assert after_in.sequences_migrated_in_total - before_in.sequences_migrated_in_total == len(PROMPTS)
+    assert after_in.migration_recompute_total == before_in.migration_recompute_total
+    assert after_in.requests_resumed_total == before_in.requests_resumed_total  # pulled, not recomputed
+    # Meanwhile the EP=1 mixed worker serves new requests alone (the router keeps them colocated).
+    fresh = "Zq9 a prompt for the switched group"
+    got = client.completions.create(prompt=fresh, **{**body, "max_tokens": MAX_TOKENS}).choices[0].text
+    back = _switch(mixed, ep2, "mixed")
+    assert back["epoch"] == w["epoch"] + 1
+    again = client.completions.create(prompt=fresh, **{**body, "max_tokens": MAX_TOKENS}).choices[0].text
+    assert again == got
+    assert worker_leaks(mixed) == []
 
 
 def test_expert_token_counts_on_metrics(clusters):
