@@ -160,3 +160,28 @@ def pids_still_running(pids: Iterable[int], timeout: float = 15.0) -> list[int]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
+
+
+def admin_request(session, key: str, method: str, path: str, **kw):
+    """One call to the router's admin API with admin key `key`."""
+    import httpx
+
+    return httpx.request(method, f"{session.url}/admin{path}", headers={"Authorization": f"Bearer {key}"},
+                         timeout=30, **kw)
+
+
+def switch_role(session, key: str, wid: str, role: str, migrate: bool = False, timeout: float = 120.0) -> dict:
+    """Switch worker `wid` to `role` through the admin API and wait until it is ready again with
+    that role at the next epoch (asserted); returns the worker's admin object."""
+    epoch = admin_request(session, key, "GET", f"/workers/{wid}").json()["epoch"]
+    resp = admin_request(session, key, "POST", f"/workers/{wid}/role",
+                         json={"role": role, "expected_epoch": epoch, "migrate": migrate})
+    assert resp.status_code == 202, resp.text
+    deadline = time.monotonic() + timeout
+    while True:
+        w = admin_request(session, key, "GET", f"/workers/{wid}").json()
+        if w["phase"] in ("ready", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert (w["phase"], w["role"], w["epoch"]) == ("ready", role, epoch + 1), w
+    return w

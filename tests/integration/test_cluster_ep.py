@@ -27,7 +27,7 @@ import pytest
 
 from cluster.config import WorkerGroup
 from tests.cluster_harness import (TEST_ENGINE, cluster_config, ep_rank_pids, pids_still_running, ray_session,
-                                   running_clusters, worker_leaks, worker_stats)
+                                   running_clusters, switch_role, worker_leaks, worker_stats)
 
 pytestmark = pytest.mark.slow
 
@@ -183,24 +183,8 @@ def test_ep_workers_give_the_offline_greedy_tokens(clusters, offline):
         assert worker_leaks(session) == []
 
 
-def _admin(session, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, f"{session.url}/admin{path}", headers={"Authorization": f"Bearer {ADMIN}"},
-                         timeout=30, **kw)
-
-
 def _switch(session, wid: str, role: str, migrate: bool = False) -> dict:
-    epoch = _admin(session, "GET", f"/workers/{wid}").json()["epoch"]
-    resp = _admin(session, "POST", f"/workers/{wid}/role", json={"role": role, "expected_epoch": epoch,
-                                                                 "migrate": migrate})
-    assert resp.status_code == 202, resp.text
-    deadline = time.monotonic() + 120
-    while True:
-        w = _admin(session, "GET", f"/workers/{wid}").json()
-        if w["phase"] in ("ready", "failed") or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert (w["phase"], w["role"], w["epoch"]) == ("ready", role, epoch + 1), w
-    return w
+    return switch_role(session, ADMIN, wid, role, migrate)
 
 
 def test_ep_group_switches_role_as_a_whole_while_its_streams_move(clusters):

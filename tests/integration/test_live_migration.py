@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import openai
 import pytest
 
-from tests.cluster_harness import TEST_ENGINE, cluster_config, ray_session, running_clusters, worker_leaks, worker_stats
+from tests.cluster_harness import (TEST_ENGINE, cluster_config, ray_session, running_clusters, switch_role, worker_leaks,
+                                   worker_stats)
 
 pytestmark = pytest.mark.slow
 
@@ -40,24 +40,8 @@ def clusters(redis_server):
             yield sessions
 
 
-def admin(session, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, f"{session.url}/admin{path}", headers={"Authorization": f"Bearer {ADMIN}"},
-                         timeout=30, **kw)
-
-
 def switch(session, wid: str, role: str, migrate: bool = False) -> dict:
-    epoch = admin(session, "GET", f"/workers/{wid}").json()["epoch"]
-    resp = admin(session, "POST", f"/workers/{wid}/role", json={"role": role, "expected_epoch": epoch,
-                                                                "migrate": migrate})
-    assert resp.status_code == 202, resp.text
-    deadline = time.monotonic() + 60
-    while True:
-        w = admin(session, "GET", f"/workers/{wid}").json()
-        if w["phase"] in ("ready", "failed") or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert (w["phase"], w["role"], w["epoch"]) == ("ready", role, epoch + 1), w
-    return w
+    return switch_role(session, ADMIN, wid, role, migrate, timeout=60)
 
 
 def stats(session) -> dict:

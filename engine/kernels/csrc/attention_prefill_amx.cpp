@@ -21,18 +21,10 @@ namespace pdk {
 
 namespace {
 
-struct alignas(64) AttnTileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Every tile 16 rows x 64 bytes: tmm0-3 score tiles (tmm0 also the PV accumulator), tmm4 the A
 // operand (keys, then V^T), tmm5 queries, tmm6-7 the two 32-key halves of P^T.
 PDS_AMX void configure_attention_tiles() {
-  AttnTileConfig c;
+  AmxTileConfig c;
   for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
   _tile_loadconfig(&c);
 }

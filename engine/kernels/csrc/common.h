@@ -144,6 +144,15 @@ struct PackedArgs {
   int64_t ldy;
 };
 
+// The tile configuration LDTILECFG reads (palette 1: 8 tiles of up to 16 rows x 64 bytes).
+struct alignas(64) AmxTileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
 // The AMX tile path (gemm_amx.cpp) over N-tiles [t0, t1) for every row; K % 32 == 0. With
 // `silu`, tiles come in (gate, up) pairs and y [B, N/2] gets silu(gate) * up (t0 even).
 void amx_packed_range(const PackedArgs& a, int64_t t0, int64_t t1, bool silu);

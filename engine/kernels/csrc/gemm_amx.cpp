@@ -22,18 +22,10 @@ bool cpu_has_amx_bf16() {
   return (edx & (1u << 24)) && (edx & (1u << 22));  // AMX-TILE, AMX-BF16
 }
 
-// Palette 1: 8 tiles of up to 16 rows x 64 bytes. Tiles 0-3 accumulate C (row block r, N-tile
-// j at 2r + j), 4-5 hold A for the two row blocks, 6-7 hold B for the two N-tiles.
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
+// Tiles 0-3 accumulate C (row block r, N-tile j at 2r + j), 4-5 hold A for the two row blocks,
+// 6-7 hold B for the two N-tiles.
 PDS_AMX void configure(int m0, int m1) {
-  TileConfig c;
+  AmxTileConfig c;
   for (int t : {0, 1}) c.rows[t] = uint8_t(m0), c.colsb[t] = 64;
   c.rows[4] = uint8_t(m0), c.colsb[4] = 64;
   c.rows[6] = c.rows[7] = 16, c.colsb[6] = c.colsb[7] = 64;
