@@ -9,9 +9,10 @@ from the head of the queue (least recently freed) and evicts whatever hash it ca
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from engine.request import Request
-from pdcommon.block_hash import NO_HASH, hash_block  # noqa: F401 - re-exported: the engine's names
+from pdcommon.block_hash import NO_HASH, MMSpan, block_extra_keys, hash_block  # noqa: F401 - re-exported
 
 
 class BlockManager:
@@ -41,8 +42,9 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
 
-    def lookup_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
-        """Cached blocks covering a prefix of `token_ids`: (block ids, their hashes).
+    def lookup_prefix(self, token_ids: list[int], mm_spans: Sequence[MMSpan] = ()) -> tuple[list[int], list[int]]:
+        """Cached blocks covering a prefix of `token_ids`: (block ids, their hashes). Blocks that
+        overlap a multimodal item are keyed by its content too (`mm_spans`).
 
         The last token is never served from cache: a request must compute at least one token
         to produce logits.
@@ -53,8 +55,9 @@ class BlockManager:
         hashes: list[int] = []
         parent = NO_HASH
         max_blocks = (len(token_ids) - 1) // self.block_size
+        bs = self.block_size
         for i in range(max_blocks):
-            h = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            h = hash_block(parent, token_ids[i * bs : (i + 1) * bs], block_extra_keys(mm_spans, i * bs, (i + 1) * bs))
             block = self.hash_to_block.get(h)
             if block is None:
                 break
@@ -110,10 +113,11 @@ class BlockManager:
             return
         num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
         tokens = req.all_token_ids
+        bs = self.block_size
         while len(req.block_hashes) < num_full:
             i = len(req.block_hashes)
             parent = req.block_hashes[-1] if req.block_hashes else NO_HASH
-            h = hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
+            h = hash_block(parent, tokens[i * bs : (i + 1) * bs], block_extra_keys(req.mm_spans, i * bs, (i + 1) * bs))
             req.block_hashes.append(h)
             block = req.block_ids[i]
             if self.block_hash[block] == NO_HASH and h not in self.hash_to_block:

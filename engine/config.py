@@ -26,6 +26,15 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype {dtype!r} is not supported; use one of: bfloat16, float32")
 
 
+def flatten_text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """A vision-language config nests the language model's fields under `text_config`: lift them
+    to the top (the top level's own keys win; `vision_config` stays nested)."""
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        return hf
+    return {**text, **{k: v for k, v in hf.items() if k != "text_config"}}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What the engine needs to know about a checkpoint, read from its config.json."""
@@ -55,6 +64,7 @@ class ModelConfig:
         archs = hf.get("architectures") or []
         if not archs:
             raise ValueError(f"{path}/config.json has no 'architectures' entry")
+        hf = flatten_text_config(hf)
         missing = {k: hf[v] for k, v in _HF_ALIASES.items() if k not in hf and v in hf}
         if missing:
             hf = {**hf, **missing}

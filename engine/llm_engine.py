@@ -11,7 +11,7 @@ lets the request continue decoding from its first token. A running request moves
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.layers.sampler import sample
 from engine.loader import load_config, load_tokenizer, resolve_model_path
 from engine.model_runner import ModelRunner
+from engine.multimodal.processor import ImageProcessor, expand_placeholders
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -73,6 +74,8 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._migrated_cached: dict[str, int] = {}  # migrated request -> blocks its import reused
+        self.mm_processor_kwargs: dict[str, Any] = {}
+        self._image_processor: ImageProcessor | None = None
 
     @classmethod
     def from_args(
@@ -117,6 +120,9 @@ class LLMEngine:
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
         )
         runner = None
+        if expert_parallel_size > 1 and "vision_config" in mc.hf_config:
+            raise ValueError("expert parallelism is not supported yet for vision-language models "
+                             f"({mc.architecture}); use expert_parallel_size=1")
         if expert_parallel_size > 1:
             from engine.parallel.runner import EPLeaderRunner
             from engine.parallel.settings import config_to_json
@@ -170,9 +176,34 @@ class LLMEngine:
         if need > self.block_manager.num_blocks:
             raise ValueError(f"prompt needs {need} KV blocks but the cache has only {self.block_manager.num_blocks}")
 
+    @property
+    def is_multimodal(self) -> bool:
+        return hasattr(self.runner.model, "encode_images")
+
+    def _multimodal_prompt(self, token_ids: list[int], data: Mapping[str, Any]) -> tuple[list[int], tuple, Any]:
+        """Expand the prompt's image placeholders for `data` ({"image": one or a list}); returns
+        (token ids, items, rotary positions)."""
+        if not self.is_multimodal:
+            raise ValueError(f"{self.config.model.architecture} takes text only; this request has multimodal data")
+        unknown = sorted(set(data) - {"image"})
+        if unknown:
+            raise ValueError(f"multimodal data {unknown} is not supported (only 'image'; video is not supported)")
+        images = data.get("image")
+        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        if not images:
+            return token_ids, (), None
+        model = self.runner.model
+        if self._image_processor is None:
+            self._image_processor = ImageProcessor(self.config.model.path, self.config.model.architecture,
+                                                   self.mm_processor_kwargs)
+        processed = [self._image_processor(img) for img in images]
+        token_ids, items = expand_placeholders(token_ids, model.image_token_id, processed,
+                                               [model.num_image_tokens(p.grid_thw) for p in processed])
+        return token_ids, items, model.mrope_positions(len(token_ids), items)
+
     def _make_requests(
         self, request_id: str, prompt: str | list[int], params: SamplingParams | None, hold_kv: bool,
-        resume: Sequence[int] = (),
+        resume: Sequence[int] = (), multi_modal_data: Mapping[str, Any] | None = None,
     ) -> list[Request]:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -181,6 +212,10 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        items: tuple = ()
+        mrope = None
+        if multi_modal_data:
+            token_ids, items, mrope = self._multimodal_prompt(token_ids, multi_modal_data)
         self._validate_prompt(token_ids)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
@@ -194,7 +229,7 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             seed = None if params.seed is None else params.seed + i
             req = Request(child_id, token_ids, params, eos_token_ids=self.eos_token_ids, prompt=text,
-                          seed=seed, parent_id=request_id, index=i, hold_kv=hold_kv)
+                          seed=seed, parent_id=request_id, index=i, hold_kv=hold_kv, mm_items=items, mrope=mrope)
             for t in resume:  # as a preempted request: output so far, no KV yet
                 req.append_token(t)
                 if req.logprobs is not None:
@@ -231,14 +266,17 @@ class LLMEngine:
 
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *, hold_kv: bool = False,
-        resume: Sequence[int] = (),
+        resume: Sequence[int] = (), multi_modal_data: Mapping[str, Any] | None = None,
     ) -> None:
         """Queue a request (text or token ids). Bad input raises ValueError and changes nothing.
 
         `resume`: tokens this request already generated elsewhere (a worker that died, or a
         sequence moved here): they count as output (max_tokens, penalties, stop strings, the
-        seeded sampler's position) and only what follows them is streamed."""
-        reqs = self._make_requests(request_id, prompt, params, hold_kv, resume)
+        seeded sampler's position) and only what follows them is streamed.
+        `multi_modal_data`: {"image": image or list of images} (PIL images, encoded bytes, paths,
+        data URLs) for a vision model; the prompt holds one run of the image placeholder token per
+        image, in order, which becomes that image's tokens."""
+        reqs = self._make_requests(request_id, prompt, params, hold_kv, resume, multi_modal_data)
         self._register(request_id, reqs)
         for r in reqs:
             self.scheduler.add(r)
@@ -379,7 +417,7 @@ class LLMEngine:
     ) -> KVImport:
         """Allocate blocks for a prompt prefilled elsewhere; reuses this engine's prefix cache."""
         (req,) = self._make_requests(request_id, list(prompt_token_ids), params, hold_kv=False)
-        cached, hashes = self.block_manager.lookup_prefix(req.prompt_token_ids)
+        cached, hashes = self.block_manager.lookup_prefix(req.prompt_token_ids, req.mm_spans)
         if not self.block_manager.allocate(req, req.num_prompt_tokens, cached, hashes):
             raise MemoryError(f"no KV blocks free for {req.num_prompt_tokens} tokens of request {request_id!r}")
         self.block_manager.record_prefix_lookup(req.num_prompt_tokens, len(cached))
@@ -437,7 +475,7 @@ class LLMEngine:
         if not req.output_token_ids:
             raise ValueError(f"a migrated request needs its generated tokens (request {request_id!r})")
         num_kv = req.num_tokens - 1
-        cached, hashes = self.block_manager.lookup_prefix(req.all_token_ids)
+        cached, hashes = self.block_manager.lookup_prefix(req.all_token_ids, req.mm_spans)
         if not self.block_manager.allocate(req, num_kv, cached, hashes):
             raise MemoryError(f"no KV blocks free for {num_kv} tokens of request {request_id!r}")
         self.block_manager.record_prefix_lookup(req.num_tokens, len(cached))

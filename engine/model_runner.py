@@ -17,6 +17,8 @@ from engine.layers.attention import AttentionMetadata, PrefillSegment
 from engine.layers.moe import expert_counts
 from engine.loader import iter_weights
 from engine.models.registry import build_model
+from engine.multimodal.encoder_cache import EncoderCache
+from engine.multimodal.items import MultiModalItem, StepMultiModal
 from engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class ModelRunner:
                 logger.info("decode GEMV layout: %.0f MiB of weights packed", packed / 2**20)
         logger.info("loaded %s (%s, %s) in %.1fs", mc.path, mc.architecture, mc.dtype_name, time.monotonic() - t0)
 
+        self.encoder_cache = EncoderCache()
         self.kv_shape_per_block = (2, self.block_size, mc.num_kv_heads, mc.head_dim)
         bytes_per_block = mc.num_layers * 2 * self.block_size * mc.num_kv_heads * mc.head_dim * mc.dtype.itemsize
         self.num_blocks = config.cache.resolve_num_blocks(bytes_per_block)
@@ -71,7 +74,56 @@ class ModelRunner:
                     self.num_blocks * bytes_per_block / 2**20)
 
     # ----- one step -----
-    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def _multimodal(self, out: SchedulerOutput, rows0: list[int], positions: list[int]) -> StepMultiModal | None:
+        """The step's image embeddings, 3D rotary positions and vision-expert rows, or None when
+        no scheduled request has images. Rewrites `positions` to each row's text-axis position."""
+        if not any(s.request.mrope is not None for s in out.scheduled):
+            return None
+        model = self.model
+        embed_rows: list[torch.Tensor] = []
+        embeds: list[torch.Tensor] = []
+        pos3: list[torch.Tensor] = []
+        vision: list[torch.Tensor] = []
+        vision_ids = torch.tensor(sorted(getattr(model, "vision_token_ids", ())), dtype=torch.long)
+        for s, row0 in zip(out.scheduled, rows0):
+            req = s.request
+            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+            rp = req.rope_positions(start, end)
+            pos3.append(torch.arange(start, end).expand(3, -1) if rp is None else rp)
+            in_prompt = torch.arange(start, end) < req.num_prompt_tokens
+            ids = torch.tensor(req.all_token_ids[start:end], dtype=torch.long)
+            vision.append(in_prompt & torch.isin(ids, vision_ids) if req.mm_items else torch.zeros(end - start, dtype=torch.bool))
+            for item in req.mm_items:
+                lo, hi = max(start, item.offset), min(end, item.end)
+                if lo >= hi:
+                    continue
+                emb = self._encoder_output(item)
+                embeds.append(emb[lo - item.offset : hi - item.offset])
+                embed_rows.append(torch.arange(row0 + lo - start, row0 + hi - start))
+        p3 = torch.cat(pos3, dim=1)
+        positions[:] = p3[0].tolist()
+        dev = self.device
+        vis = torch.cat(vision)
+        return StepMultiModal(
+            embed_rows=torch.cat(embed_rows).to(dev) if embeds else None,
+            embeds=torch.cat(embeds) if embeds else None,
+            rope_positions=None if bool((p3 == p3[0]).all()) else p3.to(dev),
+            vision_rows=vis.to(dev) if bool(vis.any()) else None,
+        )
+
+    def _encoder_output(self, item: MultiModalItem) -> torch.Tensor:
+        emb = self.encoder_cache.get(item.content_hash)
+        if emb is None:
+            if item.pixel_values is None:
+                raise ValueError(f"image {item.content_hash:x} must be encoded here but its pixels were not sent")
+            emb = self.model.encode_images([item.pixel_values], [item.grid_thw])[0]
+            if emb.shape[0] != item.length:
+                raise ValueError(f"the image encodes to {emb.shape[0]} tokens but its placeholder has {item.length}")
+            self.encoder_cache.put(item.content_hash, emb)
+        return emb
+
+    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int],
+                                                      StepMultiModal | None]:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -82,11 +134,13 @@ class ModelRunner:
         decode_lens: list[int] = []
         prefills: list[PrefillSegment] = []
         sample_rows: list[int] = []
+        rows0: list[int] = []
         for s in out.scheduled:
             req = s.request
             start_pos = req.num_computed_tokens
             end_pos = start_pos + s.num_new_tokens
             row0 = len(input_ids)
+            rows0.append(row0)
             input_ids.extend(req.all_token_ids[start_pos:end_pos])
             pos = range(start_pos, end_pos)
             positions.extend(pos)
@@ -104,6 +158,7 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(len(input_ids) - 1)
 
+        mm = self._multimodal(out, rows0, positions)
         dev = self.device
         decode_rows_t = decode_table_t = decode_lens_t = None
         if decode_rows:
@@ -122,13 +177,13 @@ class ModelRunner:
             positions=pos_t,
             decode_lens=decode_lens_t,
         )
-        return ids, pos_t, meta, sample_rows
+        return ids, pos_t, meta, sample_rows, mm
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling_requests, vocab] on the CPU."""
-        ids, positions, meta, sample_rows = self._prepare(out)
-        hidden = self.model(ids, positions, meta)
+        ids, positions, meta, sample_rows, mm = self._prepare(out)
+        hidden = self.model(ids, positions, meta) if mm is None else self.model(ids, positions, meta, mm)
         if not sample_rows:
             return torch.empty(0, self.config.model.vocab_size)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.multimodal.items import MRopePositions, MultiModalItem
 
 
 class RequestStatus(enum.Enum):
@@ -48,6 +52,8 @@ class Request:
         parent_id: str | None = None,
         index: int = 0,
         hold_kv: bool = False,
+        mm_items: tuple["MultiModalItem", ...] = (),
+        mrope: "MRopePositions | None" = None,
     ) -> None:
         self.request_id = request_id
         self.parent_id = parent_id or request_id
@@ -64,6 +70,9 @@ class Request:
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # hash chain of the full blocks, grows as blocks fill
         self.hold_kv = hold_kv
+        self.mm_items = mm_items  # images in the prompt, in order (engine.multimodal)
+        self.mm_spans = tuple(item.span for item in mm_items)
+        self.mrope = mrope  # multimodal rotary positions (None: position = token index)
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.num_preemptions = 0
@@ -91,6 +100,20 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    def rope_positions(self, start: int, end: int) -> torch.Tensor | None:
+        """[3, end - start] multimodal rotary positions of tokens start..end-1, None for a
+        request without them. Tokens after the prompt sit at index + delta on every axis."""
+        if self.mrope is None:
+            return None
+        n = self.num_prompt_tokens
+        parts = []
+        if start < n:
+            parts.append(self.mrope.positions[:, start : min(end, n)])
+        if end > n:
+            tail = torch.arange(max(start, n), end, dtype=torch.long) + self.mrope.delta
+            parts.append(tail.expand(3, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -114,7 +114,7 @@ class Scheduler:
             hashes: list[int] = []
             looked_up = not req.block_ids
             if looked_up:
-                cached, hashes = self.block_manager.lookup_prefix(req.all_token_ids)
+                cached, hashes = self.block_manager.lookup_prefix(req.all_token_ids, req.mm_spans)
                 num_computed = len(cached) * self.block_manager.block_size
             else:
                 num_computed = req.num_computed_tokens

@@ -199,3 +199,38 @@ def fuse_experts(src: Path, dst: Path) -> Path:
         fused[prefix + ".down_proj"] = torch.stack([experts[j]["down_proj"] for j in order])
     save_file(fused, dst / "model.safetensors")
     return dst
+
+
+# ----- a tiny ERNIE-4.5-VL (vision tower, resampler, modality-isolated MoE, 3D rotary) -----
+VL_TOKENS = dict(image_token_id=290, image_start_token_id=291, image_end_token_id=292, video_token_id=293,
+                 video_start_token_id=294, video_end_token_id=295)
+
+
+def build_tiny_vl_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Ernie4_5_VLMoeForConditionalGeneration saved with transformers' save_pretrained
+    (which writes the original checkpoint layout: one expert list, transposed routers)."""
+    import transformers as tf
+
+    text = dict(TINY_COMMON, vocab_size=300, max_position_embeddings=1024, use_bias=False,
+                moe_intermediate_size=[32, 16], moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_merge_size=2, hidden_act="quick_gelu",
+                  rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    cfg = tf.Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, **VL_TOKENS)
+    torch.manual_seed(seed)
+    model = tf.Ernie4_5_VLMoeForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        # Non-zero correction biases, different for text and vision: both must be loaded and used.
+        for layer in model.model.language_model.layers:
+            for part in ("text_moe", "vision_moe"):
+                moe = getattr(layer.mlp, part, None)
+                if moe is not None:
+                    moe.gate.moe_statics.e_score_correction_bias.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_vl_checkpoint(tmp_path_factory.mktemp("ernie45_vl"))

@@ -111,8 +111,38 @@ class SparseMoE(torch.nn.Module):
         return out
 
 
+class ModalityIsolatedMoE(torch.nn.Module):
+    """ERNIE-4.5-VL's MoE block: text tokens go to the text experts and vision tokens (an image's
+    placeholders and its start/end markers, in the prompt) to the vision experts, each set with
+    its own router, correction bias and expert width; the shared experts see every token."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, text_intermediate_size: int,
+                 vision_intermediate_size: int, num_shared_experts: int, norm_min: float, bias: bool = False) -> None:
+        super().__init__()
+        self.text_moe = SparseMoE(hidden_size, num_experts, top_k, text_intermediate_size, 0, norm_min, bias)
+        self.vision_moe = SparseMoE(hidden_size, num_experts, top_k, vision_intermediate_size, 0, norm_min, bias)
+        self.shared_experts = (
+            GatedMLP(hidden_size, text_intermediate_size * num_shared_experts, bias=bias) if num_shared_experts > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor, vision_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """vision_rows: [T] bool, True for the rows that take the vision experts (None: none do)."""
+        if vision_rows is None or not bool(vision_rows.any()):
+            out = self.text_moe(x)
+        else:
+            out = torch.empty_like(x)
+            text_rows = ~vision_rows
+            if bool(text_rows.any()):
+                out[text_rows] = self.text_moe(x[text_rows])
+            out[vision_rows] = self.vision_moe(x[vision_rows])
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
 def moe_layers(model: torch.nn.Module) -> list[SparseMoE]:
-    """The model's MoE blocks in layer order (empty for a dense model)."""
+    """The model's MoE blocks in layer order (empty for a dense model); a modality-isolated layer
+    counts as two, its text then its vision experts."""
     return [m for m in model.modules() if isinstance(m, SparseMoE)]
 
 

@@ -1,4 +1,6 @@
-"""Rotary position embeddings: NeoX (half-split, Llama) and GPT-J (interleaved, ERNIE-4.5) styles."""
+"""Rotary position embeddings: NeoX (half-split, Llama) and GPT-J (interleaved, ERNIE-4.5) styles,
+and the multimodal 3D variant (ERNIE-4.5-VL) whose frequency pairs each follow one of the
+temporal, height and width axes of a token's position."""
 from __future__ import annotations
 
 from typing import Any
@@ -43,14 +45,65 @@ class RotaryEmbedding(torch.nn.Module):
             self.sin = torch.cat((-sin, sin), dim=-1)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # [T, 1, D] so it broadcasts over heads.
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return table_rows(self.cos, self.sin, positions)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, head_dim]; computed in float32, returned in x's dtype."""
-        xf = x.float()
-        if self.interleaved:
-            swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        else:
-            swapped = xf.roll(self.head_dim // 2, dims=-1)
-        return (xf * cos + swapped * sin).to(x.dtype)
+        return rotate(x, cos, sin, self.interleaved)
+
+
+def table_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # [T, 1, D] so it broadcasts over heads.
+    return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    xf = x.float()
+    if interleaved:
+        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    else:
+        swapped = xf.roll(x.shape[-1] // 2, dims=-1)
+    return (xf * cos + swapped * sin).to(x.dtype)
+
+
+class StepRope:
+    """Rotary tables with one row per token of a step (multimodal positions): used in place of the
+    model's table with positions 0..T-1, by the kernels and the torch path alike."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> None:
+        self.cos, self.sin, self.interleaved = cos, sin, interleaved
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return table_rows(self.cos, self.sin, positions)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return rotate(x, cos, sin, self.interleaved)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """ERNIE-4.5-VL's 3D rotary: of the head_dim/2 frequency pairs, the first h + w (the
+    `mrope_section`'s first two entries, equal) alternate between the height axis (even pairs)
+    and the width axis (odd pairs), and the last t follow the temporal axis. A text token has the
+    same position on every axis, so the model's plain table serves it."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, section: tuple[int, int, int]) -> None:
+        h, w, t = section
+        if h != w or h + w + t != head_dim // 2:
+            raise ValueError(f"mrope_section {list(section)} does not fit head_dim {head_dim} "
+                             f"(needs h == w and h + w + t == head_dim / 2)")
+        super().__init__(head_dim, max_position, theta, interleaved=True)
+        self.section = section
+
+    def step_rope(self, positions3: torch.Tensor) -> StepRope:
+        """Tables for tokens at positions [3, T] (temporal, height, width)."""
+        h, w, t = self.section
+        pairs = self.head_dim // 2
+        with torch.device("cpu"):
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
+            axis = torch.tensor([1 + (j % 2) if j < h + w else 0 for j in range(pairs)])
+        pos = positions3.to("cpu").float()  # [3, T]
+        angles = pos[axis].transpose(0, 1) * inv_freq  # [T, pairs]: each pair's own axis
+        cos, sin = angles.cos(), angles.sin()
+        dev = self.cos.device
+        return StepRope(torch.stack((cos, cos), dim=-1).flatten(-2).to(dev),
+                        torch.stack((-sin, sin), dim=-1).flatten(-2).to(dev), True)

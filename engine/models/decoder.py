@@ -5,6 +5,7 @@ each model file states those differences and maps checkpoint names onto this mod
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -16,9 +17,10 @@ from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.layer_decode import run_layers
 from engine.layers.linear import Linear, float32_copy, small_linear, upcast_for
 from engine.layers.mlp import GatedMLP
-from engine.layers.moe import SparseMoE
+from engine.layers.moe import ModalityIsolatedMoE, SparseMoE
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, rope_theta
+from engine.layers.rotary import MRotaryEmbedding, RotaryEmbedding, StepRope, rope_theta
+from engine.multimodal.items import StepMultiModal
 
 
 # bf16 keeps 8 significant bits: a rounded logit is off by at most 2^-8 of its size, so two
@@ -35,6 +37,8 @@ class MoESpec:
     norm_min: float
     layer_ids: frozenset[int]
     renormalize: bool = True  # rescale the top-k weights to sum to 1 (Qwen3-MoE: norm_topk_prob)
+    # ERNIE-4.5-VL: a second expert set of this width for vision tokens (ModalityIsolatedMoE)
+    vision_intermediate_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class DecoderSpec:
     tie_word_embeddings: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3)
     moe: MoESpec | None = None
+    mrope_section: tuple[int, int, int] | None = None  # 3D multimodal rotary (ERNIE-4.5-VL)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> "DecoderSpec":
@@ -86,19 +91,27 @@ class DecoderLayer(torch.nn.Module):
                                    qk_norm=spec.qk_norm, eps=spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         moe = spec.moe
-        if moe is not None and layer_id in moe.layer_ids:
-            self.mlp: torch.nn.Module = SparseMoE(
+        if moe is not None and layer_id in moe.layer_ids and moe.vision_intermediate_size is not None:
+            self.mlp: torch.nn.Module = ModalityIsolatedMoE(
+                spec.hidden_size, moe.num_experts, moe.top_k, moe.intermediate_size, moe.vision_intermediate_size,
+                moe.num_shared_experts, moe.norm_min, spec.mlp_bias,
+            )
+        elif moe is not None and layer_id in moe.layer_ids:
+            self.mlp = SparseMoE(
                 spec.hidden_size, moe.num_experts, moe.top_k, moe.intermediate_size, moe.num_shared_experts,
                 moe.norm_min, spec.mlp_bias, renormalize=moe.renormalize,
             )
         else:
             self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor | None,
-                sin: torch.Tensor | None, meta: AttentionMetadata, next_norm: RMSNorm) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: torch.Tensor, rope: RotaryEmbedding | StepRope, cos: torch.Tensor | None,
+                sin: torch.Tensor | None, meta: AttentionMetadata, next_norm: RMSNorm,
+                vision_rows: torch.Tensor | None = None) -> torch.Tensor:
         """x: the float32 residual stream, updated in place; h: this layer's normed input.
         Returns `next_norm` of the updated stream (the next layer's input, or the final norm)."""
         h = self.post_attention_layernorm.add_(x, self.self_attn(h, rope, cos, sin, meta))
+        if isinstance(self.mlp, ModalityIsolatedMoE):
+            return next_norm.add_(x, self.mlp(h, vision_rows))
         return next_norm.add_(x, self.mlp(h))
 
 
@@ -112,23 +125,39 @@ class DecoderForCausalLM(torch.nn.Module):
         self.layers = torch.nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.interleaved_rope)
+        if spec.mrope_section is not None:
+            self.rope = MRotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.mrope_section)
+        else:
+            self.rope = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.interleaved_rope)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                mm: StepMultiModal | None = None) -> torch.Tensor:
+        """`mm`: the step's multimodal inputs (image embeddings for placeholder rows, 3D rotary
+        positions, the rows that take vision experts), None for a text-only step."""
         # The residual stream stays float32 in every dtype: in bf16 each layer's output is
         # rounded once, not the running sum, which keeps bf16 greedy output close to float32.
         x = self.embed_tokens(input_ids).float()
+        rope: RotaryEmbedding | StepRope = self.rope
+        vision_rows = None
+        if mm is not None:
+            if mm.embeds is not None:
+                x[mm.embed_rows] = mm.embeds.to(device=x.device, dtype=torch.float32)
+            if mm.rope_positions is not None:
+                rope = self.rope.step_rope(mm.rope_positions)
+                positions = torch.arange(x.shape[0], device=x.device)
+                meta = dataclasses.replace(meta, positions=positions)
+            vision_rows = mm.vision_rows
         cos = sin = None
         if not (x.device.type == "cpu" and cpu_ops() is not None):
-            cos, sin = self.rope.cos_sin(positions)
+            cos, sin = rope.cos_sin(positions)
         layers = self.layers
         h = layers[0].input_layernorm.add_(x, None)
-        fused = run_layers(layers, self.norm, self.rope, x, h, meta)
+        fused = run_layers(layers, self.norm, rope, x, h, meta)
         if fused is not None:
             return fused
         for i, layer in enumerate(layers):
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
-            h = layer(x, h, self.rope, cos, sin, meta, nxt)
+            h = layer(x, h, rope, cos, sin, meta, nxt, vision_rows)
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -194,7 +223,24 @@ class DecoderForCausalLM(torch.nn.Module):
                 # float32 weights; out_dtype stays float32 so q/k are rounded once, after rotary.
                 put(layer.self_attn.q_norm.weight, take(a + ".q_norm.weight"), keep_fp32=True)
                 put(layer.self_attn.k_norm.weight, take(a + ".k_norm.weight"), keep_fp32=True)
-            if isinstance(layer.mlp, SparseMoE):
+            if isinstance(layer.mlp, ModalityIsolatedMoE):
+                # ERNIE-4.5-VL's checkpoint layout: one expert list, text experts 0..E-1 then vision
+                # experts E..2E-1; the routers transposed ([H, E]: gate.weight text, gate.weight_1
+                # vision); one correction bias [2, E] (text row, vision row).
+                moe = layer.mlp
+                m = p + ".mlp"
+                bias = take(m + ".moe_statics.e_score_correction_bias").reshape(2, -1)
+                n = moe.text_moe.experts.num_experts
+                for k, part in enumerate((moe.text_moe, moe.vision_moe)):
+                    put(part.gate.weight, take(m + (".gate.weight" if k == 0 else ".gate.weight_1")).t(), keep_fp32=True)
+                    put(part.gate.e_score_correction_bias, bias[k], keep_fp32=True)
+                    ids = range(k * n, (k + 1) * n)
+                    put(part.experts.gate_up, torch.stack([torch.cat([take(f"{m}.experts.{j}.gate_proj.weight"),
+                                                                       take(f"{m}.experts.{j}.up_proj.weight")]) for j in ids]))
+                    put(part.experts.down, torch.stack([take(f"{m}.experts.{j}.down_proj.weight") for j in ids]))
+                if moe.shared_experts is not None:
+                    load_mlp(moe.shared_experts, m + ".shared_experts")
+            elif isinstance(layer.mlp, SparseMoE):
                 moe = layer.mlp
                 put(moe.gate.weight, take(p + ".mlp.gate.weight"), keep_fp32=True)
                 bias = maybe(p + ".mlp.moe_statics.e_score_correction_bias")

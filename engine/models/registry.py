@@ -5,6 +5,7 @@ from typing import Any, Callable
 
 from engine.models.decoder import DecoderForCausalLM
 from engine.models.ernie45 import Ernie45ForCausalLM, Ernie45MoeForCausalLM
+from engine.models.ernie45_vl import Ernie45VLForConditionalGeneration
 from engine.models.llama import LlamaForCausalLM
 from engine.models.qwen3 import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
@@ -12,6 +13,9 @@ MODEL_REGISTRY: dict[str, Callable[[dict[str, Any]], DecoderForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Ernie4_5ForCausalLM": Ernie45ForCausalLM,
     "Ernie4_5_MoeForCausalLM": Ernie45MoeForCausalLM,
+    "Ernie4_5_VLMoeForConditionalGeneration": Ernie45VLForConditionalGeneration,
+    # transformers keeps the older spelling as a deprecated alias.
+    "Ernie4_5_VL_MoeForConditionalGeneration": Ernie45VLForConditionalGeneration,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
