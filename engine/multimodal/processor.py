@@ -42,6 +42,9 @@ def load_image(image: Any) -> tuple[Any, bytes]:
         return rgb, f"{rgb.size[0]}x{rgb.size[1]}:".encode() + rgb.tobytes()
     if isinstance(image, (str, Path)):
         s = str(image)
+        if s.startswith(("http://", "https://")):
+            raise ValueError("http(s) image URLs are fetched by the server's router; offline, pass a local path, "
+                             "bytes, a data URL or a PIL image")
         if s.startswith("data:"):
             try:
                 data = base64.b64decode(s.split(",", 1)[1], validate=True)
