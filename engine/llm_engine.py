@@ -23,6 +23,7 @@ from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.layers.sampler import sample
 from engine.loader import load_config, load_tokenizer, resolve_model_path
 from engine.model_runner import ModelRunner
+from engine.multimodal.items import MRopePositions, MultiModalItem
 from engine.multimodal.processor import ImageProcessor, expand_placeholders
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
@@ -412,11 +413,27 @@ class LLMEngine:
         self.children.pop(req.parent_id, None)
 
     # ----- KV seam: import side -----
+    def held_kv_multimodal(self, request_id: str) -> tuple[tuple[tuple[int, int, int], ...], int | None]:
+        """What a receiving engine needs of a held request's images: their spans (offset, length,
+        content hash: for its prefix cache) and the rotary delta (None for a text-only prompt)."""
+        req = self._held(request_id)
+        return req.mm_spans, None if req.mrope is None else req.mrope.delta
+
+    def _received_multimodal(self, req: Request, mm_spans: Sequence[tuple[int, int, int]], mrope_delta: int | None) -> None:
+        # No pixels: the KV of every image token comes with the request.
+        req.mm_items = tuple(MultiModalItem("image", o, n, None, h) for o, n, h in mm_spans)
+        req.mm_spans = tuple(item.span for item in req.mm_items)
+        req.mrope = None if mrope_delta is None else MRopePositions(None, int(mrope_delta))
+
     def add_prefilled_request(
-        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams | None = None
+        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams | None = None,
+        mm_spans: Sequence[tuple[int, int, int]] = (), mrope_delta: int | None = None,
     ) -> KVImport:
-        """Allocate blocks for a prompt prefilled elsewhere; reuses this engine's prefix cache."""
+        """Allocate blocks for a prompt prefilled elsewhere; reuses this engine's prefix cache.
+        A prompt with images names them by `mm_spans` and carries its rotary `mrope_delta`
+        (`held_kv_multimodal` on the sending engine)."""
         (req,) = self._make_requests(request_id, list(prompt_token_ids), params, hold_kv=False)
+        self._received_multimodal(req, mm_spans, mrope_delta)
         cached, hashes = self.block_manager.lookup_prefix(req.prompt_token_ids, req.mm_spans)
         if not self.block_manager.allocate(req, req.num_prompt_tokens, cached, hashes):
             raise MemoryError(f"no KV blocks free for {req.num_prompt_tokens} tokens of request {request_id!r}")
@@ -465,7 +482,8 @@ class LLMEngine:
         return req.num_computed_tokens
 
     def add_migrated_request(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
-                             params: SamplingParams | None = None) -> KVImport:
+                             params: SamplingParams | None = None, mm_spans: Sequence[tuple[int, int, int]] = (),
+                             mrope_delta: int | None = None) -> KVImport:
         """Allocate blocks for a request moved here mid-generation (see `hold_running_kv`): its
         output so far counts as output (as with `add_request(resume=...)`), and the KV of every
         token but the last is to be written into the blocks (those this engine's prefix cache
@@ -474,6 +492,7 @@ class LLMEngine:
                                      resume=output_token_ids)
         if not req.output_token_ids:
             raise ValueError(f"a migrated request needs its generated tokens (request {request_id!r})")
+        self._received_multimodal(req, mm_spans, mrope_delta)
         num_kv = req.num_tokens - 1
         cached, hashes = self.block_manager.lookup_prefix(req.all_token_ids, req.mm_spans)
         if not self.block_manager.allocate(req, num_kv, cached, hashes):

@@ -109,6 +109,9 @@ class Request:
         n = self.num_prompt_tokens
         parts = []
         if start < n:
+            if self.mrope.positions is None:
+                raise ValueError(f"request {self.request_id!r} must recompute prompt tokens whose images this "
+                                 f"engine never had (its KV came from another worker)")
             parts.append(self.mrope.positions[:, start : min(end, n)])
         if end > n:
             tail = torch.arange(max(start, n), end, dtype=torch.long) + self.mrope.delta

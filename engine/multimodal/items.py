@@ -12,13 +12,13 @@ class MultiModalItem:
     """One image in a prompt. `offset`/`length`: its run of placeholder tokens in the prompt's
     token ids; `grid_thw`: (temporal, height, width) in vision patches; `content_hash`: 63-bit
     hash of the image bytes and the processor options (what the prefix cache and the encoder
-    cache key on); `pixel_values`: [patches, channels * patch * patch] float32, or None where only
+    cache key on); `pixel_values`: [patches, channels * patch * patch] float32. Both None where only
     the KV moves (a decode worker never needs the pixels)."""
 
     modality: str
     offset: int
     length: int
-    grid_thw: tuple[int, int, int]
+    grid_thw: tuple[int, int, int] | None
     content_hash: int
     pixel_values: torch.Tensor | None = None
 
@@ -42,9 +42,10 @@ class MultiModalItem:
 class MRopePositions:
     """Multimodal rotary positions of a prompt: `positions` [3, prompt_len] (temporal, height,
     width; equal for text tokens), and `delta`, what a token after the prompt adds to its index
-    (decode continues at index + delta on all three axes)."""
+    (decode continues at index + delta on all three axes). A decode worker that received the
+    prompt's KV knows only `delta` (positions None): it never computes a prompt token."""
 
-    positions: torch.Tensor
+    positions: torch.Tensor | None
     delta: int
 
 

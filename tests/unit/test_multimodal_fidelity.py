@@ -245,3 +245,38 @@ def test_offline_chat_and_generate_with_images(tiny_vl_checkpoint, tmp_path, ref
         with pytest.raises(ValueError, match="exactly one of"):
             llm.generate({"prompt": "t1", "prompt_token_ids": [1]})
         assert_no_leaks(llm.engine)
+
+
+def _prefill_and_move(prefill, decode, rid, prompt, images):
+    prefill.add_request(rid, prompt, GREEDY, hold_kv=True, multi_modal_data={"image": images})
+    outs = []
+    while prefill.has_unfinished_requests():
+        outs += prefill.step()
+    first = outs[-1].outputs[0].token_ids[0]
+    spans, delta = prefill.held_kv_multimodal(rid)
+    full_prompt = list(outs[-1].prompt_token_ids)
+    plan = decode.add_prefilled_request(rid, full_prompt, first, GREEDY, mm_spans=spans, mrope_delta=delta)
+    decode.import_kv(rid, prefill.export_kv(rid, start_block=plan.num_cached_blocks), start_block=plan.num_cached_blocks)
+    prefill.release_kv(rid)
+    decode.finish_kv_import(rid)
+    return _drain(decode, rid), plan
+
+
+def test_disaggregated_prefill_and_decode_of_an_image_prompt(tiny_vl_checkpoint, make_engine, reference):
+    # The decode engine gets token ids, KV, the images' spans and the rotary delta; never pixels.
+    head = list(range(10, 50))
+    q1, q2 = head + [START, IMG, END, 60, 61], head + [START, IMG, END, 70, 71, 72]
+    same, other = image(168, 168, 7), image(168, 168, 8)
+    prefill, decode = make_engine(tiny_vl_checkpoint), make_engine(tiny_vl_checkpoint)
+    out, plan = _prefill_and_move(prefill, decode, "a", q1, [same])
+    assert plan.num_cached_blocks == 0
+    assert list(out.outputs[0].token_ids) == hf_greedy(reference, q1, [same])
+    assert len(decode.runner.encoder_cache) == 0
+    # The decode side's own prefix cache knows the image by content: the same image with another
+    # question reuses 4 blocks there; a different image of the same size only the 2 text blocks.
+    out, plan = _prefill_and_move(prefill, decode, "b", q2, [same])
+    assert plan.num_cached_blocks == 4
+    assert list(out.outputs[0].token_ids) == hf_greedy(reference, q2, [same])
+    out, plan = _prefill_and_move(prefill, decode, "c", q2, [other])
+    assert plan.num_cached_blocks == 2
+    assert list(out.outputs[0].token_ids) == hf_greedy(reference, q2, [other])
