@@ -24,6 +24,10 @@ class EncoderCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
     def get(self, key: int) -> torch.Tensor | None:
         t = self._entries.get(key)
         if t is None:
