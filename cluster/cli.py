@@ -124,6 +124,11 @@ def _serve_config(args: argparse.Namespace):
         reasoning_parser=args.reasoning_parser, worker_threads=args.worker_threads, ray_address=args.ray_address,
         cpu_bind=args.cpu_bind, drain_timeout_seconds=args.drain_timeout_seconds,
     )
+    media = {k: v for k, v in (("enable_mm", args.enable_mm), ("limit_mm_per_prompt", args.limit_mm_per_prompt),
+                               ("allowed_media_domains", args.allowed_media_domains),
+                               ("allowed_local_media_path", args.allowed_local_media_path)) if v is not None}
+    if media:
+        fields["multimodal"] = media
     keys = list(args.api_key or [])
     if not keys and os.environ.get("PDSERVE_API_KEY"):
         keys = [k.strip() for k in os.environ["PDSERVE_API_KEY"].split(",") if k.strip()]
@@ -144,6 +149,7 @@ def _serve_config(args: argparse.Namespace):
         data = base.model_dump()
         data["engine"] = {**data["engine"], **engine}
         data["planner"] = {**data["planner"], **planner}
+        data["multimodal"] = {**data["multimodal"], **fields.pop("multimodal", {})}
         data.update(fields)
         return ClusterConfig.model_validate(data)
     return ClusterConfig(engine=EngineArgs(**engine), planner=planner, **fields)
@@ -174,7 +180,19 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="planner: time-to-first-token target (p90)")
     p.add_argument("--slo-itl-ms", type=float, default=None, help="planner: inter-token latency target (p90)")
     p.add_argument("--rate-limit-per-minute", type=int, default=None, help="requests per minute per API key")
-    p.add_argument("--reasoning-parser", choices=["think"], default=None)
+    p.add_argument("--reasoning-parser", choices=["think", "qwen3", "deepseek_r1", "ernie-45-vl", "ernie45"],
+                   default=None)
+    p.add_argument("--enable-mm", action=argparse.BooleanOptionalAction, default=None,
+                   help="image input (default: on exactly for a vision model)")
+    p.add_argument("--limit-mm-per-prompt", type=_json_object, default=None,
+                   help='most items per prompt, e.g. \'{"image": 10}\' (default 10 images; video is not supported)')
+    p.add_argument("--mm-processor-kwargs", type=_json_object, default=None,
+                   help='image processor options, e.g. \'{"max_pixels": 802816}\'')
+    p.add_argument("--allowed-media-domains", default=None,
+                   help="comma-separated hosts whose image URLs are fetched (trusted: they may be private); "
+                        "default: any host with only public addresses")
+    p.add_argument("--allowed-local-media-path", default=None,
+                   help="folder whose files image URLs may name (file://...); default: none")
     p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker (default 1)")
     p.add_argument("--cpu-bind", default=None,
                    help="pin workers to cores: auto (default: own cores per worker when they fit), none, "
@@ -192,6 +210,18 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     _add_ep_args(p, help_size="MoE models: shard each worker's experts over N ranks (N CPUs per worker); "
                               "per worker: `workers:` in --config")
     p.add_argument("--log-level", default="INFO")
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _add_ep_args(p: argparse.ArgumentParser, help_size: str) -> None:

@@ -10,6 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.router.media.policy import MediaSettings
+
+ReasoningParserName = Literal["think", "qwen3", "deepseek_r1", "ernie-45-vl", "ernie45"]
+
 Role = Literal["prefill", "decode", "mixed"]
 
 
@@ -39,6 +43,17 @@ class EngineArgs(_Strict):
     eplb_interval: int = Field(0, ge=0, description="EP: rebalance expert placement from observed load every N steps (0: off)")
     ep_dispatch: Literal["replicated", "alltoall"] = Field(
         "replicated", description="EP: move only expert results (replicated) or also hidden states (alltoall)")
+    mm_processor_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="vision models: options of the image processor, as vLLM's "
+        "--mm-processor-kwargs (e.g. {\"max_pixels\": 802816}); every image's content hash mixes them in")
+
+    @field_validator("mm_processor_kwargs")
+    @classmethod
+    def _mm_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        from pdcommon.vision import geometry_options
+
+        geometry_options(kwargs)  # ValueError naming a bad size option
+        return kwargs
 
     def engine_kwargs(self) -> dict:
         return self.model_dump(exclude={"model"})
@@ -240,8 +255,11 @@ class ClusterConfig(_Strict):
         60.0, gt=0, description="role switch: how long a worker waits for in-flight work of its old role")
     rate_limit_per_minute: int | None = Field(None, gt=0, description="requests per minute per API key, counted "
                                               "in Redis (shared by every router)")
-    reasoning_parser: Literal["think"] | None = Field(None, description="split <think>...</think> into "
-                                                      "reasoning_content")
+    reasoning_parser: ReasoningParserName | None = Field(
+        None, description="split reasoning into reasoning_content: 'think'/'qwen3' (<think>...</think>), "
+        "'deepseek_r1' (output starts inside reasoning), 'ernie-45-vl'/'ernie45' (also unwraps <response>)")
+    multimodal: MediaSettings = Field(MediaSettings(), description="image input (vision models): limits, caps, "
+                                      "which URLs the router fetches")
     worker_threads: int = Field(1, gt=0, description="torch threads per worker")
     cpu_bind: str = Field(
         "auto", description="pin each local worker's threads to its own cores: 'auto' (consecutive cores per "

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from pdcommon.model_files import DEFAULT_MAX_MODEL_LEN_CAP  # noqa: F401 - shared with the router
+from pdcommon.model_files import flatten_text_config
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 QUANTIZATIONS = (None, "wint8", "wint4")
@@ -24,15 +25,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     elif dtype in _DTYPES:
         return _DTYPES[dtype]
     raise ValueError(f"dtype {dtype!r} is not supported; use one of: bfloat16, float32")
-
-
-def flatten_text_config(hf: dict[str, Any]) -> dict[str, Any]:
-    """A vision-language config nests the language model's fields under `text_config`: lift them
-    to the top (the top level's own keys win; `vision_config` stays nested)."""
-    text = hf.get("text_config")
-    if not isinstance(text, dict):
-        return hf
-    return {**text, **{k: v for k, v in hf.items() if k != "text_config"}}
 
 
 @dataclass(frozen=True)

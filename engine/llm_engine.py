@@ -28,6 +28,7 @@ from engine.multimodal.processor import ImageProcessor, expand_placeholders
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
+from pdcommon.vision import geometry_options
 from engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class LLMEngine:
         eplb_interval: int = 0,
         ep_launcher: Any = None,
         ep_dispatch: str = "replicated",
+        mm_processor_kwargs: Mapping[str, Any] | None = None,
     ) -> "LLMEngine":
         """Build from vLLM-style arguments; `model=None` serves the default model.
 
@@ -107,7 +109,9 @@ class LLMEngine:
         expert slots per rank hold replicas of hot experts; `eplb_interval=S > 0` rebalances the
         placement from observed load every S steps (`runner.rebalance()` does it on demand).
         `ep_launcher` starts the other ranks (default: child processes; see engine.parallel.group);
-        `ep_dispatch` is "replicated" or "alltoall" (see engine.parallel.expert.EPMoE)."""
+        `ep_dispatch` is "replicated" or "alltoall" (see engine.parallel.expert.EPMoE).
+        `mm_processor_kwargs`: options of a vision model's image processor (e.g. max_pixels), the
+        same for every request (they are part of each image's content hash)."""
         if expert_parallel_size < 1:
             raise ValueError(f"expert_parallel_size must be >= 1, got {expert_parallel_size}")
         path = resolve_model_path(model)
@@ -135,7 +139,11 @@ class LLMEngine:
             raise ValueError("num_redundant_experts and eplb_interval need expert_parallel_size > 1")
         try:
             tokenizer = load_tokenizer(path) if load_tokenizer_ and _has_tokenizer(path) else None
-            return cls(config, tokenizer, device, runner)
+            engine = cls(config, tokenizer, device, runner)
+            if mm_processor_kwargs:
+                geometry_options(mm_processor_kwargs)  # ValueError for bad size options, before any request
+                engine.mm_processor_kwargs = dict(mm_processor_kwargs)
+            return engine
         except BaseException:
             if runner is not None:
                 runner.close()

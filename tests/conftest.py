@@ -234,3 +234,29 @@ def build_tiny_vl_checkpoint(folder: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vl_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_vl_checkpoint(tmp_path_factory.mktemp("ernie45_vl"))
+
+
+def with_vl_tokenizer(src: Path, dst: Path) -> Path:
+    """Copy the tiny VL checkpoint to `dst` with a word-level tokenizer ("t0".."t287", "user",
+    "assistant", the image tokens) and a chat template that renders an image part as start,
+    placeholder, end."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(src, dst)
+    vocab = {f"t{i}": i for i in range(288)}
+    vocab.update({"user": 288, "assistant": 289, "<|image@placeholder|>": VL_TOKENS["image_token_id"],
+                  "<|IMAGE_START|>": VL_TOKENS["image_start_token_id"], "<|IMAGE_END|>": VL_TOKENS["image_end_token_id"],
+                  "[UNK]": 293})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.chat_template = (
+        "{% for m in messages %}{{ m.role }} {% if m.content is string %}{{ m.content }} {% else %}"
+        "{% for p in m.content %}{% if p.type == 'image' %}<|IMAGE_START|> <|image@placeholder|> <|IMAGE_END|> "
+        "{% else %}{{ p.text }} {% endif %}{% endfor %}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant{% endif %}")
+    fast.save_pretrained(dst)
+    return dst

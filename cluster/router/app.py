@@ -31,6 +31,9 @@ from cluster.router.middleware import GuardMiddleware, error_response
 from cluster.router.openai import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                                    ModelCard, ModelList, TokenizeChatRequest, TokenizeCompletionRequest,
                                    TokenizeResponse)
+from cluster.router.media.content import has_media
+from cluster.router.media.fetch import MediaLoader
+from cluster.router.media.prompt import multimodal_chat_prompt
 from cluster.router.reasoning import get_reasoning_parser
 from cluster.router.serving import RouterState, check_model, render_chat
 from cluster.router.settings import RouterSettings
@@ -62,10 +65,16 @@ def create_app(backend: Backend, settings: RouterSettings | None = None, *, rate
     if rate_limiter is None and settings.rate_limit_per_minute:
         rate_limiter = FixedWindowRateLimiter(settings.rate_limit_per_minute)
     info = backend.model
+    media = settings.media
+    if media.enable_mm is None:
+        media = media.model_copy(update={"enable_mm": info.vision is not None})
+    elif media.enable_mm and info.vision is None:
+        raise ValueError(f"enable_mm: {info.name} is not a vision model (it takes text only)")
     state = RouterState(
         backend=backend, settings=settings, metrics=metrics or RouterMetrics(),
         model_name=settings.served_model_name or info.name, token_text=TokenText(info.tokenizer),
         reasoning=get_reasoning_parser(settings.reasoning_parser) if settings.reasoning_parser else None,
+        media=media, media_loader=MediaLoader(media),
     )
 
     @asynccontextmanager
@@ -88,8 +97,11 @@ def create_app(backend: Backend, settings: RouterSettings | None = None, *, rate
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.router = state
+    # Chat requests may carry base64 images: their cap is the multimodal one when images are on.
+    chat_cap = {"/v1/chat/completions": max(settings.max_body_bytes, media.max_mm_body_bytes)} if media.enable_mm else {}
     app.add_middleware(GuardMiddleware, api_keys=settings.api_keys, limiter=rate_limiter,
-                       max_body_bytes=settings.max_body_bytes, admin_api_keys=settings.admin_api_keys)
+                       max_body_bytes=settings.max_body_bytes, admin_api_keys=settings.admin_api_keys,
+                       path_body_bytes=chat_cap)
     _add_error_handlers(app)
     admin = getattr(backend, "admin", None)
     if admin is not None and settings.admin_api_keys:
@@ -137,12 +149,17 @@ def create_app(backend: Backend, settings: RouterSettings | None = None, *, rate
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         check_model(state, body.model)
         tok = info.tokenizer
-        if isinstance(body, TokenizeChatRequest):
-            text = render_chat(tok, body.messages, body.add_generation_prompt, body.continue_final_message,
-                               body.chat_template_kwargs)
+        if isinstance(body, TokenizeChatRequest) and has_media(body.messages):
+            # Images count as the tokens they become (the prompt a worker computes).
+            ids = list((await multimodal_chat_prompt(state, body.messages, body.add_generation_prompt,
+                                                     body.continue_final_message, body.chat_template_kwargs)).token_ids)
         else:
-            text = body.prompt
-        ids = list(tok(text, add_special_tokens=body.add_special_tokens).input_ids)
+            if isinstance(body, TokenizeChatRequest):
+                text = render_chat(tok, body.messages, body.add_generation_prompt, body.continue_final_message,
+                                   body.chat_template_kwargs)
+            else:
+                text = body.prompt
+            ids = list(tok(text, add_special_tokens=body.add_special_tokens).input_ids)
         strs = [state.token_text(t) for t in ids] if body.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=info.max_model_len, tokens=ids, token_strs=strs)
 

@@ -13,11 +13,28 @@ Errors are raised as `cluster.errors.PdserveError` subclasses.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pdcommon.sampling_params import SamplingParams
+from pdcommon.vision import VisionInfo
 from pdserve.v1 import worker_pb2
+
+
+@dataclass(frozen=True)
+class PromptImage:
+    """One image of a prompt as the router sends it: the encoded bytes (what the prefill worker
+    decodes and preprocesses), its content hash, and where its run of placeholder tokens sits in
+    the prompt (already as long as the image's tokens)."""
+
+    data: bytes = field(repr=False)
+    content_hash: int
+    offset: int
+    length: int
+
+    @property
+    def span(self) -> tuple[int, int, int]:
+        return (self.offset, self.length, self.content_hash)
 
 
 @dataclass(frozen=True)
@@ -25,6 +42,11 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams  # n == 1: the app fans out n > 1
+    images: tuple[PromptImage, ...] = ()
+
+    @property
+    def mm_spans(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple(img.span for img in self.images)
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,7 @@ class ModelInfo:
     tokenizer: Any  # a transformers tokenizer: chat template, tokenize, detokenize
     eos_token_ids: tuple[int, ...]
     created: int  # unix time the backend started, for /v1/models
+    vision: VisionInfo | None = None  # a vision model: its image placeholder and resize rule
 
 
 class Backend(Protocol):

@@ -11,6 +11,8 @@ from starlette.responses import Response
 
 from cluster.metrics import RequestTracker
 from cluster.router.logprobs import chat_logprobs
+from cluster.router.media.content import has_media
+from cluster.router.media.prompt import multimodal_chat_prompt
 from cluster.router.openai import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                    ChatCompletionRequest, ChatCompletionResponse, DeltaMessage)
 from cluster.router.serving import (ChoiceState, Item, RouterState, SSEResponse, chat_prompt, check_model,
@@ -25,15 +27,19 @@ async def create_chat_completion(state: RouterState, http: Request, req: ChatCom
     arrival = time.perf_counter()
     check_model(state, req.model)
     info = state.backend.model
-    prompt = chat_prompt(info.tokenizer, req)
+    if has_media(req.messages):
+        prompt = await multimodal_chat_prompt(state, req.messages, req.add_generation_prompt,
+                                              req.continue_final_message, req.chat_template_kwargs)
+    else:
+        prompt = chat_prompt(info.tokenizer, req)
     max_tokens = max_tokens_for(len(prompt.token_ids), req.requested_max_tokens, info.max_model_len)
     params = sampling_params(req, max_tokens, req.num_logprobs)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     seqs = fan_out(request_id, [prompt], [params], req.n)
     choices = choice_states(seqs, info.eos_token_ids, state.reasoning)
     tracker = state.metrics.track([len(prompt.token_ids)], req.n, arrival)
-    logger.debug("request %s: chat, %d prompt tokens, n=%d, max_tokens=%d, stream=%s", request_id,
-                 len(prompt.token_ids), req.n, max_tokens, req.stream)
+    logger.debug("request %s: chat, %d prompt tokens (%d images), n=%d, max_tokens=%d, stream=%s", request_id,
+                 len(prompt.token_ids), len(prompt.images), req.n, max_tokens, req.stream)
     head = dict(id=request_id, created=int(time.time()), model=state.model_name)
     stream = merged(state.backend, seqs)
     tracker.submitted()

@@ -57,15 +57,18 @@ def model_info(engine: EngineArgs, served_model_name: str) -> ModelInfo:
     transformers'). A router process without torch uses cluster/router/model.py instead."""
     from engine.config import DEFAULT_MAX_MODEL_LEN_CAP
     from engine.loader import load_config, load_tokenizer, resolve_model_path
+    from pdcommon.model_files import flatten_text_config
+    from pdcommon.vision import VisionInfo
 
     path = resolve_model_path(engine.model)
-    hf = load_config(path)
+    hf = flatten_text_config(load_config(path))
     max_len = engine.max_model_len or min(int(hf.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN_CAP)),
                                           DEFAULT_MAX_MODEL_LEN_CAP)
     tok = load_tokenizer(path)
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ModelInfo(served_model_name, max_len, tok, eos_ids, int(time.time()))
+    return ModelInfo(served_model_name, max_len, tok, eos_ids, int(time.time()),
+                     VisionInfo.from_folder(path, engine.mm_processor_kwargs))
 
 
 def config_mismatches(workers, block_size: int, max_model_len: int) -> list[str]:
@@ -180,11 +183,14 @@ class ClusterBackend:
         return ("no ready worker for this request: need a prefill and a decode worker, or a mixed one "
                 f"(ready: {have['prefill']} prefill, {have['decode']} decode, {have['mixed']} mixed)")
 
-    def _generate_pb(self, request: GenerationRequest, epoch: int,
-                     resume: list[int] | None = None) -> worker_pb2.GenerateRequest:
-        return worker_pb2.GenerateRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-                                          params=params_to_pb(request.params), epoch=epoch,
-                                          resume_token_ids=resume or [])
+    def _generate_pb(self, request: GenerationRequest, epoch: int, resume: list[int] | None = None,
+                     media: bool = True) -> worker_pb2.GenerateRequest:
+        """`media` False: without the images (a Decode that pulls the prompt's KV never needs them;
+        a resumed or recomputed one does)."""
+        return worker_pb2.GenerateRequest(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+            params=params_to_pb(request.params), epoch=epoch, resume_token_ids=resume or [],
+            media=[worker_pb2.MediaItem(modality="image", data=img.data) for img in request.images] if media else [])
 
     async def _may_resume(self, exc: grpc.aio.AioRpcError, conn: WorkerConn, resumes: Counter[str],
                           tried: set[str]) -> bool:
@@ -252,7 +258,7 @@ class ClusterBackend:
         conns = await self._candidates(role, exclude)
         if not conns:
             raise NoWorkerError(self._missing())
-        hashes = prefix_block_hashes(list(request.prompt_token_ids), self.block_size)
+        hashes = prefix_block_hashes(list(request.prompt_token_ids), self.block_size, request.mm_spans)
         overlap = await self.store.prefix_overlap(hashes) if hashes and len(conns) > 1 else {}
         prompt_blocks = -(-len(request.prompt_token_ids) // self.block_size)
         view = pick_prefill([c.view() for c in conns], overlap, prompt_blocks, self.block_size)
@@ -313,7 +319,7 @@ class ClusterBackend:
                 if left_kv is not None:
                     decode.handle.CopyFrom(left_kv)
             else:
-                decode = worker_pb2.DecodeRequest(request=self._generate_pb(request, d_conn.info.epoch),
+                decode = worker_pb2.DecodeRequest(request=self._generate_pb(request, d_conn.info.epoch, media=False),
                                                   handle=resp.handle, first_token_id=resp.first.token_ids[0])
             call = d_conn.stub.Decode(decode)
             got_any = retry = moved = False

@@ -15,6 +15,7 @@ from cluster.worker.convert import output_to_chunk
 from cluster.worker.engine_loop import EngineLoop
 from cluster.worker.stats import stats_response
 from engine.llm_engine import LLMEngine
+from pdcommon.vision import VisionInfo
 from pdserve.v1 import worker_pb2
 
 
@@ -25,8 +26,10 @@ class LocalBackend:
         if engine.tokenizer is None:
             raise ValueError("the HTTP API needs a model with a tokenizer")
         self.loop = EngineLoop(engine)
+        vision = VisionInfo.from_folder(engine.config.model.path, engine.mm_processor_kwargs) \
+            if engine.is_multimodal else None
         self.model = ModelInfo(served_model_name, engine.config.scheduler.max_model_len, engine.tokenizer,
-                               engine.eos_token_ids, int(time.time()))
+                               engine.eos_token_ids, int(time.time()), vision)
 
     @classmethod
     def from_args(cls, model: str | None = None, served_model_name: str | None = None, **engine_args) -> "LocalBackend":
@@ -35,7 +38,9 @@ class LocalBackend:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[worker_pb2.TokenChunk]:
         try:
-            stream = self.loop.generate(request.request_id, list(request.prompt_token_ids), request.params)
+            media = {"image": [img.data for img in request.images]} if request.images else None
+            stream = self.loop.generate(request.request_id, list(request.prompt_token_ids), request.params,
+                                        multi_modal_data=media)
             async for out in stream:
                 yield output_to_chunk(out, request.params.logprobs)
         except ValueError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
@@ -44,8 +44,11 @@ def bearer_key(headers: Headers) -> str | None:
 
 class GuardMiddleware:
     def __init__(self, app: ASGIApp, *, api_keys: Sequence[str] = (), limiter: RateLimiter | None = None,
-                 max_body_bytes: int = 4 << 20, admin_api_keys: Sequence[str] = ()) -> None:
+                 max_body_bytes: int = 4 << 20, admin_api_keys: Sequence[str] = (),
+                 path_body_bytes: Mapping[str, int] | None = None) -> None:
         self.app = app
+        # Per-path caps over the default (chat requests with images take a larger one).
+        self.path_body_bytes = dict(path_body_bytes or {})
         self._keys = [k.encode() for k in api_keys]
         self._admin_keys = [k.encode() for k in admin_api_keys]
         self.limiter = limiter
@@ -65,7 +68,8 @@ class GuardMiddleware:
         headers = Headers(scope=scope)
         rejection = await self._check_access(scope, headers)
         if rejection is None and scope["method"] in BODY_METHODS:
-            rejection, receive = await self._read_body(headers, receive)
+            limit = self.path_body_bytes.get(scope["path"], self.max_body_bytes)
+            rejection, receive = await self._read_body(headers, receive, limit)
         if rejection is not None:
             await rejection(scope, receive, send)
         elif receive is not None:
@@ -109,9 +113,9 @@ class GuardMiddleware:
                 "(API keys do not open the admin API)."), headers={"WWW-Authenticate": "Bearer"})
         return None
 
-    async def _read_body(self, headers: Headers, receive: Receive) -> tuple[JSONResponse | None, Receive | None]:
+    async def _read_body(self, headers: Headers, receive: Receive,
+                         limit: int) -> tuple[JSONResponse | None, Receive | None]:
         """(rejection, replaying receive); (None, None) when the client left while sending."""
-        limit = self.max_body_bytes
         length = headers.get("content-length")
         if length is not None:
             try:

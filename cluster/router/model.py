@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from cluster.router.backend import ModelInfo
 from cluster.router.tokenizer import RouterTokenizer
-from pdcommon.model_files import DEFAULT_MAX_MODEL_LEN_CAP, DEFAULT_MODEL_NAME, converted_gguf_folder, model_cache_dir
+from pdcommon.model_files import (DEFAULT_MAX_MODEL_LEN_CAP, DEFAULT_MODEL_NAME, converted_gguf_folder,
+                                  flatten_text_config, model_cache_dir)
+from pdcommon.vision import VisionInfo
 
 
 def model_folder(model: str | None) -> Path:
@@ -39,13 +43,14 @@ def default_served_name(model: str | None) -> str:
 
 
 def load_model_info(model: str | None, served_model_name: str | None = None,
-                    max_model_len: int | None = None) -> ModelInfo:
-    """Tokenizer, context length and EOS ids of `model`, torch-free (see the module docstring)."""
+                    max_model_len: int | None = None, mm_processor_kwargs: Mapping[str, Any] | None = None) -> ModelInfo:
+    """Tokenizer, context length and EOS ids of `model` (and for a vision model its image rule),
+    torch-free (see the module docstring)."""
     folder = model_folder(model)
-    hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    hf = flatten_text_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     max_len = max_model_len or min(int(hf.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN_CAP)),
                                    DEFAULT_MAX_MODEL_LEN_CAP)
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     return ModelInfo(served_model_name or default_served_name(model), max_len, RouterTokenizer(folder), eos_ids,
-                     int(time.time()))
+                     int(time.time()), VisionInfo.from_folder(folder, mm_processor_kwargs))

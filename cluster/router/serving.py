@@ -23,8 +23,10 @@ from starlette.responses import Response, StreamingResponse
 
 from cluster.errors import InvalidRequestError, ModelNotFoundError, PdserveError, WorkerError
 from cluster.metrics import FINISH_NAMES, RequestTracker, RouterMetrics
-from cluster.router.backend import Backend, GenerationRequest
+from cluster.router.backend import Backend, GenerationRequest, PromptImage
 from cluster.router.logprobs import TokenText
+from cluster.router.media.fetch import MediaLoader
+from cluster.router.media.policy import MediaSettings
 from cluster.router.openai import ChatCompletionRequest, ChatMessage, UsageInfo, _SamplingRequest, error_body
 from cluster.router.reasoning import ParserFactory, ReasoningParser, prompt_opens_reasoning
 from cluster.router.settings import RouterSettings
@@ -52,6 +54,8 @@ class RouterState:
     model_name: str
     token_text: TokenText
     reasoning: ParserFactory | None
+    media: MediaSettings = field(default_factory=MediaSettings)  # enable_mm resolved against the model
+    media_loader: MediaLoader | None = None
 
 
 def check_model(state: RouterState, model: str | None) -> None:
@@ -63,6 +67,7 @@ def check_model(state: RouterState, model: str | None) -> None:
 class Prompt:
     token_ids: tuple[int, ...]
     text: str | None  # the rendered prompt (chat template applied), None for token-id prompts
+    images: tuple[PromptImage, ...] = ()  # a vision model's images, their placeholder runs in token_ids
 
 
 @dataclass(frozen=True)
@@ -85,13 +90,16 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
+def render_chat(tokenizer: Any, messages: list[ChatMessage] | list[dict[str, Any]], add_generation_prompt: bool,
                 continue_final_message: bool, template_kwargs: dict[str, Any] | None) -> str:
+    """The chat template applied to `messages` (ChatMessages, or dicts as a template takes them)."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("this model has no chat template: use /v1/completions")
+    if messages and isinstance(messages[0], ChatMessage):
+        messages = chat_messages(messages)  # type: ignore[arg-type]
     try:
         return tokenizer.apply_chat_template(
-            chat_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, **(template_kwargs or {}))
     except InvalidRequestError:
         raise
@@ -154,7 +162,7 @@ def fan_out(request_id: str, prompts: list[Prompt], params: list[SamplingParams]
             index = p * n + i
             seq_params = replace(sp, seed=sp.seed + i) if sp.seed is not None and i else sp
             seqs.append(Sequence(index, prompt, GenerationRequest(f"{request_id}-{index}", prompt.token_ids,
-                                                                  seq_params)))
+                                                                  seq_params, prompt.images)))
     return seqs
 
 

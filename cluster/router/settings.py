@@ -1,4 +1,4 @@
-"""RouterSettings: what the HTTP front needs besides its backend (auth, limits, reasoning parser)."""
+"""RouterSettings: what the HTTP front needs besides its backend (auth, limits, reasoning parser, media)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cluster.router.media.policy import MediaSettings
 
 API_KEY_ENV = "PDSERVE_API_KEY"
 ADMIN_API_KEY_ENV = "PDSERVE_ADMIN_API_KEY"
@@ -24,6 +26,7 @@ class RouterSettings(BaseModel):
     rate_limit_per_minute: int | None = Field(None, gt=0, description="requests per API key per minute")
     reasoning_parser: str | None = Field(None, description="e.g. 'think'; None = no reasoning split")
     served_model_name: str | None = Field(None, description="None = the backend's model name")
+    media: MediaSettings = Field(MediaSettings(), description="image input: limits, caps, fetch policy")
 
     @field_validator("api_keys", "admin_api_keys")
     @classmethod

@@ -35,7 +35,8 @@ def build_app(config: ClusterConfig, redis_url: str, info: ModelInfo):
     backend = ClusterBackend(Store.from_url(redis_url, config.cluster), info, block_size=config.engine.block_size)
     settings = RouterSettings(api_keys=list(config.api_keys), admin_api_keys=list(config.admin_api_keys),
                               rate_limit_per_minute=config.rate_limit_per_minute,
-                              reasoning_parser=config.reasoning_parser, served_model_name=info.name)
+                              reasoning_parser=config.reasoning_parser, served_model_name=info.name,
+                              media=config.multimodal)
     limiter = None
     if config.rate_limit_per_minute:
         from cluster.router.limits import RedisRateLimiter
@@ -63,7 +64,8 @@ def build_standalone_app(config: ClusterConfig):
 
     if not config.redis_url:
         raise ValueError("a router process needs the cluster's Redis: --redis-url (or redis_url in --config)")
-    info = load_model_info(config.engine.model, config.served_model_name, config.engine.max_model_len)
+    info = load_model_info(config.engine.model, config.served_model_name, config.engine.max_model_len,
+                           config.engine.mm_processor_kwargs)
     return build_app(config, config.redis_url, info)
 
 

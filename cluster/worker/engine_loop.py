@@ -16,7 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -50,6 +50,8 @@ class HeldKV:
 
     block_ids: tuple[int, ...]
     num_tokens: int
+    mm_spans: tuple[tuple[int, int, int], ...] = ()  # a vision prompt's images (offset, length, hash)
+    mrope_delta: int | None = None
 
 
 class RequestAborted(RuntimeError):
@@ -123,15 +125,18 @@ class EngineLoop:
 
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, *, hold_kv: bool = False,
-        resume: list[int] | tuple[int, ...] = (),
+        resume: list[int] | tuple[int, ...] = (), multi_modal_data: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Add a request and stream its snapshots; closing the iterator early aborts it."""
+        """Add a request and stream its snapshots; closing the iterator early aborts it.
+        `multi_modal_data` as LLMEngine.add_request takes it (the image bytes are decoded and
+        preprocessed on the engine thread, off the event loop)."""
         sink = _Sink(asyncio.get_running_loop())
 
         def add(engine: LLMEngine) -> None:
             if request_id in self._sinks:
                 raise ValueError(f"request id {request_id!r} is already in flight")
-            engine.add_request(request_id, prompt, params, hold_kv=hold_kv, resume=resume)
+            engine.add_request(request_id, prompt, params, hold_kv=hold_kv, resume=resume,
+                               multi_modal_data=multi_modal_data)
             self._sinks[request_id] = sink
 
         await self._call_or_abort(add, request_id)
@@ -207,7 +212,7 @@ class EngineLoop:
             if with_kv is not None:
                 try:
                     n = engine.hold_running_kv(request_id)
-                    held = HeldKV(engine.held_kv_blocks(request_id), n)
+                    held = HeldKV(engine.held_kv_blocks(request_id), n, *engine.held_kv_multimodal(request_id))
                     return True, held, self._sinks.pop(request_id, None)
                 except ValueError:
                     pass

@@ -202,9 +202,19 @@ class WorkerRuntime:
         """A request handed off with its KV: pin the blocks under a lease (released when the target
         has pulled them, or at expiry) and say where they are."""
         expiry = self.leases.add(request_id, list(held.block_ids), held.num_tokens, time.time())
-        return kv_pb2.KVHandle(worker_id=self.worker_id, kv_address=self.address, request_id=request_id,
-                               block_ids=held.block_ids, num_tokens=held.num_tokens, layout_hash=self.layout.hash(),
-                               lease_expiry_unix=expiry, transport=self.spec.kv_transport)
+        return self.kv_handle(request_id, held.block_ids, held.num_tokens, expiry, held.mm_spans, held.mrope_delta)
+
+    def kv_handle(self, request_id: str, block_ids, num_tokens: int, expiry: float,
+                  mm_spans=(), mrope_delta: int | None = None) -> kv_pb2.KVHandle:
+        """Where a request's pinned KV is, for the worker that pulls it; a vision prompt's handle
+        also names its images (the receiver's prefix cache keys on them) and its rotary delta."""
+        handle = kv_pb2.KVHandle(worker_id=self.worker_id, kv_address=self.address, request_id=request_id,
+                                 block_ids=block_ids, num_tokens=num_tokens, layout_hash=self.layout.hash(),
+                                 lease_expiry_unix=expiry, transport=self.spec.kv_transport,
+                                 mm_spans=[kv_pb2.MMSpan(offset=o, length=n, content_hash=h) for o, n, h in mm_spans])
+        if mrope_delta is not None:
+            handle.mrope_delta = mrope_delta
+        return handle
 
     async def abort(self, request_id: str) -> bool:
         leased = self.leases.release(request_id)
@@ -214,8 +224,8 @@ class WorkerRuntime:
             found = False
         return found or leased
 
-    def publish_prefix(self, prompt_token_ids: list[int]) -> None:
-        hashes = prefix_block_hashes(prompt_token_ids, self.block_size)
+    def publish_prefix(self, prompt_token_ids: list[int], mm_spans=()) -> None:
+        hashes = prefix_block_hashes(prompt_token_ids, self.block_size, mm_spans)
         if hashes:
             self._spawn(self.store.publish_prefix(self.worker_id, hashes))
 

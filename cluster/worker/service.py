@@ -77,7 +77,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         t0 = time.monotonic()
         last = None
         try:
-            async for out in rt.loop.generate(rid, list(request.prompt_token_ids), params, hold_kv=True):
+            async for out in rt.loop.generate(rid, list(request.prompt_token_ids), params, hold_kv=True,
+                                              multi_modal_data=_media(request)):
                 last = out
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -90,7 +91,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if not last.kv_held:
             return resp  # the first token already ended the request; nothing to move
         try:
-            block_ids = await rt.loop.call(lambda e: e.held_kv_blocks(rid))
+            block_ids, (mm_spans, mrope_delta) = await rt.loop.call(
+                lambda e: (e.held_kv_blocks(rid), e.held_kv_multimodal(rid)))
         except ValueError:  # aborted between the last step and now
             await context.abort(grpc.StatusCode.ABORTED, f"request {rid} was aborted during prefill")
         except EngineDead as exc:
@@ -98,13 +100,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except asyncio.CancelledError:  # the caller went away before the blocks got a lease
             rt.loop.abort_nowait(rid)
             raise
+        if len(last.prompt_token_ids) != len(request.prompt_token_ids):
+            # Single placeholders the engine grew: the decode side would get another prompt than the KV's.
+            rt.loop.abort_nowait(rid)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the prompt's image placeholder runs are not the images' lengths ({len(last.prompt_token_ids)} "
+                                f"tokens computed, {len(request.prompt_token_ids)} sent)")
         expiry = rt.leases.add(rid, list(block_ids), len(request.prompt_token_ids), time.time())
-        resp.handle.CopyFrom(kv_pb2.KVHandle(
-            worker_id=rt.worker_id, kv_address=rt.address, request_id=rid, block_ids=block_ids,
-            num_tokens=len(request.prompt_token_ids), layout_hash=rt.layout.hash(), lease_expiry_unix=expiry,
-            transport=rt.spec.kv_transport,
-        ))
-        rt.publish_prefix(list(request.prompt_token_ids))
+        resp.handle.CopyFrom(rt.kv_handle(rid, block_ids, len(request.prompt_token_ids), expiry, mm_spans, mrope_delta))
+        rt.publish_prefix(list(request.prompt_token_ids), mm_spans)
         return resp
 
     # ----- decode -----
@@ -139,9 +143,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                 f"KV layout mismatch: the prefill worker's hash is {handle.layout_hash}, this worker "
                                 f"({rt.layout.describe()}) has {rt.layout.hash()}")
         prompt = list(g.prompt_token_ids)
+        mm_spans, mrope_delta = _handle_multimodal(handle)
         try:
             kv_import, stream = await rt.loop.attach(
-                rid, lambda e: e.add_prefilled_request(rid, prompt, request.first_token_id, params))
+                rid, lambda e: e.add_prefilled_request(rid, prompt, request.first_token_id, params, mm_spans=mm_spans,
+                                                       mrope_delta=mrope_delta))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except MemoryError as exc:
@@ -150,10 +156,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await rt.receiver.fetch(handle, kv_import.block_ids, kv_import.num_cached_blocks)
         except Exception as exc:  # noqa: BLE001 - any transfer failure goes through the policy
             await rt.loop.abort(rid)  # frees the blocks allocated for the import (the stream never started)
+            if rt.spec.kv_failure_policy == "recompute" and mm_spans and not g.media:
+                logger.warning("KV pull for %s failed: %s; an image prompt cannot be recomputed here", rid, exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc} (the prompt has images, "
+                                    "which a decode worker does not receive, so it cannot recompute it)")
             if rt.spec.kv_failure_policy == "recompute":
                 rt.kv_counters.recompute_total += 1
                 logger.warning("KV pull for %s failed (%s); recomputing the prompt here", rid, exc)
-                async for chunk in self._recompute(rid, prompt, request.first_token_id, params):
+                async for chunk in self._recompute(rid, prompt, request.first_token_id, params, _media(g)):
                     yield chunk
                 return
             logger.warning("KV pull for %s failed: %s", rid, exc)
@@ -185,11 +195,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if not started:  # never iterated, so its own cleanup never ran: drop it from the loop
                 rt.loop.abort_nowait(rid)
 
-    async def _recompute(self, rid: str, prompt: list[int], first_token: int,
-                         params: SamplingParams) -> AsyncIterator[worker_pb2.TokenChunk]:
+    async def _recompute(self, rid: str, prompt: list[int], first_token: int, params: SamplingParams,
+                         media: dict | None) -> AsyncIterator[worker_pb2.TokenChunk]:
         # The client already has the first token: continue from prompt + first token.
         rest = replace(params, max_tokens=max(1, params.max_tokens - 1), min_tokens=max(0, params.min_tokens - 1))
-        async for out in self.rt.loop.generate(rid, prompt + [first_token], rest):
+        async for out in self.rt.loop.generate(rid, prompt + [first_token], rest, multi_modal_data=media):
             chunk = output_to_chunk(out, params.logprobs)
             chunk.num_prompt_tokens = len(prompt)
             yield chunk
@@ -204,8 +214,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         stream = None
         if handle.layout_hash == rt.layout.hash() and handle.num_tokens == len(prompt) + len(generated) - 1:
             try:
+                mm_spans, mrope_delta = _handle_multimodal(handle)
                 kv_import, stream = await rt.loop.attach(
-                    rid, lambda e: e.add_migrated_request(rid, prompt, generated, params))
+                    rid, lambda e: e.add_migrated_request(rid, prompt, generated, params, mm_spans=mm_spans,
+                                                          mrope_delta=mrope_delta))
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except MemoryError as exc:  # no room for its KV now: recomputing queues it instead
@@ -249,7 +261,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.rt.kv_counters.resumed_total += 1
         prompt = list(g.prompt_token_ids)
         try:
-            outs = self.rt.loop.generate(g.request_id, prompt, params, resume=list(g.resume_token_ids))
+            outs = self.rt.loop.generate(g.request_id, prompt, params, resume=list(g.resume_token_ids),
+                                         multi_modal_data=_media(g))
             async with contextlib.aclosing(outs):
                 async for out in outs:
                     chunk = output_to_chunk(out, params.logprobs)
@@ -267,7 +280,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self.rt.kv_counters.resumed_total += 1
             try:
                 async for out in self.rt.loop.generate(request.request_id, list(request.prompt_token_ids), params,
-                                                       resume=list(request.resume_token_ids)):
+                                                       resume=list(request.resume_token_ids),
+                                                       multi_modal_data=_media(request)):
                     yield output_to_chunk(out, params.logprobs)
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -344,3 +358,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             message = f"switch to {target} failed: {m.reason}"
         return worker_pb2.SetRoleResponse(role=ROLE_PB[m.role], epoch=m.epoch, phase=m.phase, changed=changed,
                                           message=message)
+
+
+def _media(g: worker_pb2.GenerateRequest) -> dict | None:
+    """The request's images as the engine takes them (encoded bytes; decoded on the engine thread)."""
+    if not g.media:
+        return None
+    bad = sorted({m.modality for m in g.media} - {"image"})
+    if bad:
+        raise ValueError(f"media of modality {bad} is not supported (only image)")
+    return {"image": [m.data for m in g.media]}
+
+
+def _handle_multimodal(handle: kv_pb2.KVHandle) -> tuple[list[tuple[int, int, int]], int | None]:
+    """(mm_spans, mrope_delta) a KV handle carries for a vision prompt."""
+    spans = [(s.offset, s.length, s.content_hash) for s in handle.mm_spans]
+    return spans, handle.mrope_delta if handle.HasField("mrope_delta") else None

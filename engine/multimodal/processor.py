@@ -18,6 +18,7 @@ import torch
 
 from engine.multimodal.items import MultiModalItem
 from pdcommon.mm_hash import mm_hash
+from pdcommon.vision import geometry_options
 
 _PROCESSOR_CLASSES = {
     "Ernie4_5_VLMoeForConditionalGeneration": "Ernie4_5_VLMoeImageProcessorPil",
@@ -75,18 +76,28 @@ class ImageProcessor:
         import transformers
 
         self.kwargs = dict(processor_kwargs or {})
+        # The size options go in as transformers' `size` (its constructors ignore a bare
+        # min_pixels/max_pixels); the rest as given. pdcommon.vision reads the same options.
+        sizing = geometry_options(self.kwargs)
+        rest = {k: v for k, v in self.kwargs.items() if k not in ("min_pixels", "max_pixels", "size")}
         if (Path(model_path) / "preprocessor_config.json").is_file():
-            self._proc = transformers.AutoImageProcessor.from_pretrained(model_path, **self.kwargs)
+            self._proc = transformers.AutoImageProcessor.from_pretrained(model_path, **rest)
         else:
             name = _PROCESSOR_CLASSES.get(architecture)
             if name is None:
                 raise ValueError(f"no image processor is known for {architecture!r}")
-            self._proc = getattr(transformers, name)(**self.kwargs)
+            self._proc = getattr(transformers, name)(**rest)
+        size = dict(self._proc.size.items()) if hasattr(self._proc.size, "items") else dict(vars(self._proc.size))
+        if "min_pixels" in sizing:
+            size["shortest_edge"] = sizing["min_pixels"]
+        if "max_pixels" in sizing:
+            size["longest_edge"] = sizing["max_pixels"]
+        self._size = {k: size[k] for k in ("shortest_edge", "longest_edge") if size.get(k) is not None}
 
     def __call__(self, image: Any) -> ProcessedImage:
         rgb, data = load_image(image)
         try:
-            out = self._proc(images=[rgb], return_tensors="pt")
+            out = self._proc(images=[rgb], return_tensors="pt", size=self._size)
         except ValueError as e:  # e.g. an extreme aspect ratio
             raise ValueError(f"image {rgb.size[0]}x{rgb.size[1]} cannot be processed: {e}") from None
         grid = tuple(int(v) for v in out["image_grid_thw"][0].tolist())
@@ -97,7 +108,7 @@ def expand_placeholders(token_ids: Sequence[int], placeholder_id: int, images: S
                         tokens_per_image: Sequence[int]) -> tuple[list[int], tuple[MultiModalItem, ...]]:
     """Replace the i-th run of `placeholder_id` in the prompt by image i's run of tokens; returns
     the new token ids and the items (offsets in the new ids). The run count must equal the image
-    count."""
+    count, and each run is one token or already the image's length."""
     runs: list[tuple[int, int]] = []
     i = 0
     while i < len(token_ids):
@@ -115,7 +126,12 @@ def expand_placeholders(token_ids: Sequence[int], placeholder_id: int, images: S
     out: list[int] = []
     items = []
     last = 0
-    for (start, end), img, n in zip(runs, images, tokens_per_image):
+    for k, ((start, end), img, n) in enumerate(zip(runs, images, tokens_per_image)):
+        # A run is one placeholder (the template's) or already the image's whole run (a router's).
+        if end - start not in (1, n):
+            raise ValueError(f"image {k}: the prompt holds {end - start} placeholder tokens for it, but it takes "
+                             f"{n} tokens ({img.grid_thw[1]}x{img.grid_thw[2]} patches): the router and this worker "
+                             "disagree on the model or its mm_processor_kwargs")
         out.extend(token_ids[last:start])
         items.append(MultiModalItem("image", len(out), n, img.grid_thw, img.content_hash, img.pixel_values))
         out.extend([placeholder_id] * n)

@@ -19,6 +19,7 @@ import pytest
 from cluster.errors import NoWorkerError, WorkerError
 from cluster.router.app import create_app
 from cluster.router.backend import GenerationRequest
+from cluster.router.media.policy import MediaSettings
 from cluster.router.settings import RouterSettings
 from pdserve.v1 import worker_pb2
 from tests.cluster_harness import stream_then_disconnect
@@ -391,3 +392,15 @@ def test_disconnect_while_waiting_for_a_full_response_frees_the_engine(urls, mod
         httpx.post(f"{urls['main']}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                    timeout=1.5)
     assert wait_no_leaks(backend, 10.0) == []
+
+
+def test_a_text_model_refuses_image_parts_and_enable_mm(urls, backend):
+    import base64
+
+    png = base64.b64encode(bytes.fromhex("89504e470d0a1a0a")).decode()
+    resp = httpx.post(f"{urls['plain']}/v1/chat/completions", timeout=30, json={"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                     {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}]})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "multimodal_disabled"
+    with pytest.raises(ValueError, match="not a vision model"):
+        create_app(backend, RouterSettings(media=MediaSettings(enable_mm=True)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from tests.conftest import VL_TOKENS, assert_no_leaks
+from tests.conftest import VL_TOKENS, assert_no_leaks, with_vl_tokenizer
 
 IMG, START, END = VL_TOKENS["image_token_id"], VL_TOKENS["image_start_token_id"], VL_TOKENS["image_end_token_id"]
 N_NEW = 8
@@ -189,30 +189,6 @@ def test_block_hashes_mix_in_image_content():
     assert prefix_block_hashes(tokens, 4, [(5, 8, 111)])[1] != a[1]
 
 
-def _with_tokenizer(src, dst):
-    """The tiny checkpoint plus a word-level tokenizer whose specials are its image tokens, and a
-    chat template that renders an image part as start, placeholder, end."""
-    import shutil
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    shutil.copytree(src, dst)
-    vocab = {f"t{i}": i for i in range(288)}
-    vocab.update({"user": 288, "assistant": 289, "<|image@placeholder|>": IMG, "<|IMAGE_START|>": START,
-                  "<|IMAGE_END|>": END, "[UNK]": 293})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    fast.chat_template = (
-        "{% for m in messages %}{{ m.role }} {% if m.content is string %}{{ m.content }} {% else %}"
-        "{% for p in m.content %}{% if p.type == 'image' %}<|IMAGE_START|> <|image@placeholder|> <|IMAGE_END|> "
-        "{% else %}{{ p.text }} {% endif %}{% endfor %}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}assistant{% endif %}")
-    fast.save_pretrained(dst)
-    return dst
-
-
 def test_offline_chat_and_generate_with_images(tiny_vl_checkpoint, tmp_path, reference):
     import base64
 
@@ -226,7 +202,7 @@ def test_offline_chat_and_generate_with_images(tiny_vl_checkpoint, tmp_path, ref
     data_url = "data:image/png;base64," + base64.b64encode(png).decode()
     ids = [288, 5, START, IMG, END, 6, 7, 289]  # "user t5 <image> t6 t7 assistant"
     want = hf_greedy(reference, ids, [image(112, 168, 1)])
-    with LLM(_with_tokenizer(tiny_vl_checkpoint, tmp_path / "m"), dtype="float32", num_kv_blocks=64,
+    with LLM(with_vl_tokenizer(tiny_vl_checkpoint, tmp_path / "m"), dtype="float32", num_kv_blocks=64,
              max_model_len=256) as llm:
         got = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": png}}, GREEDY)
         assert list(got[0].outputs[0].token_ids) == want

@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 
-from cluster.router.reasoning import (ReasoningSplit, ThinkReasoningParser, get_reasoning_parser,
-                                      known_reasoning_parsers, prompt_opens_reasoning)
+from cluster.router.reasoning import (ErnieReasoningParser, ReasoningSplit, ThinkReasoningParser,
+                                      get_reasoning_parser, known_reasoning_parsers, prompt_opens_reasoning)
 
 # (text, start_in_reasoning, expected reasoning, expected content)
 CASES = [
@@ -72,7 +72,10 @@ def test_registry():
     assert get_reasoning_parser("think")(False).parse("<think>a</think>b") == ReasoningSplit("a", "b")
     assert get_reasoning_parser("think")(True).parse("a</think>b") == ReasoningSplit("a", "b")
     assert get_reasoning_parser("deepseek_r1")(False).parse("a</think>b") == ReasoningSplit("a", "b")
-    with pytest.raises(ValueError, match="known parsers: deepseek_r1, think"):
+    assert get_reasoning_parser("qwen3")(True).parse("a</think>b") == ReasoningSplit("a", "b")
+    assert get_reasoning_parser("ernie-45-vl")(True).parse("a\n</think>\n\n<response>\nb\n</response>\n") == \
+        ReasoningSplit("a\n", "b")
+    with pytest.raises(ValueError, match="known parsers: deepseek_r1, ernie-45-vl, ernie45, qwen3, think"):
         get_reasoning_parser("nope")
 
 
@@ -84,3 +87,28 @@ def test_registry():
 ])
 def test_prompt_opens_reasoning(prompt, opened):
     assert prompt_opens_reasoning(prompt) is opened
+
+
+# ERNIE-4.5's output: (text, start_in_reasoning, reasoning, content)
+ERNIE_CASES = [
+    ("abc\n</think>\n\n<response>\ndef\n</response>\n", True, "abc\n", "def"),
+    ("abc\n</think>\ndef", True, "abc\n", "\ndef"),
+    ("<think>a</think><response>b</response>", False, "a", "b"),
+    ("<response>\nonly an answer\n</response>", False, None, "only an answer"),
+    ("<response>\nunfinished", False, None, "unfinished"),
+    ("<response>", False, None, ""),
+    ("  <resp", False, None, "  <resp"),
+    ("<response>x</response> tail", False, None, "x tail"),
+    ("x <response>y</response>", False, None, "x <response>y</response>"),
+    ("a</think><response>\nline\n\n</response>", True, "a", "line\n"),
+    ("<response>a</resp", False, None, "a</resp"),
+]
+
+
+@pytest.mark.parametrize("text,opened,reasoning,content", ERNIE_CASES)
+def test_ernie_parser_streams_as_it_parses(text, opened, reasoning, content):
+    expected = ReasoningSplit(reasoning, content)
+    assert ErnieReasoningParser(opened).parse(text) == expected
+    for i, j in itertools.combinations_with_replacement(range(len(text) + 1), 2):
+        assert _stream(ErnieReasoningParser(opened), [text[:i], text[i:j], text[j:]]) == expected, (i, j)
+    assert _stream(ErnieReasoningParser(opened), list(text)) == expected

@@ -386,10 +386,10 @@ def test_text_only_requests_are_untouched():
 
 def test_load_chat_media_gives_template_messages_images_and_hashes(server):
     wide = png(40, 20)
-    s = settings(mm_processor_kwargs={"max_pixels": 4096})
+    s = settings()
     msgs = [ChatMessage(role="system", content="Look."),
             msg(text("first"), image(server.url("/img.png")), text("then"), image(data_url(wide)))]
-    media = asyncio.run(load_chat_media(msgs, s))
+    media = asyncio.run(load_chat_media(msgs, s, processor_kwargs={"max_pixels": 4096}))
     assert media.messages == [{"role": "system", "content": "Look."},
                               {"role": "user", "content": [text("first"), {"type": "image"}, text("then"),
                                                            {"type": "image"}]}]

@@ -10,7 +10,7 @@ load concurrently, and the first refusal wins.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +60,8 @@ def collect_media_parts(messages: Sequence[ChatMessage], settings: MediaSettings
                 raise UnsupportedMediaError(f"content part of type {part.type!r} is not supported: only text and "
                                             "image_url parts are")
             if not settings.enable_mm:
-                raise MediaDisabledError("image input is off on this server (it starts with --enable-mm for "
-                                         "a vision model)")
+                raise MediaDisabledError("image input is off on this server: it takes images when it serves a "
+                                         "vision model (and --enable-mm is not false)")
             parts.append(MediaPart("image", _image_url(part, i, j), i, j))
     limit = settings.limit("image")
     if len(parts) > limit:
@@ -94,8 +94,10 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
 
 
 async def load_chat_media(messages: Sequence[ChatMessage], settings: MediaSettings,
-                          loader: MediaLoader | None = None) -> ChatMedia:
-    """The seam: template messages + loaded images (see the module docstring)."""
+                          loader: MediaLoader | None = None,
+                          processor_kwargs: Mapping[str, Any] | None = None) -> ChatMedia:
+    """The seam: template messages + loaded images (see the module docstring); each image's hash
+    mixes in `processor_kwargs` (the engine's mm_processor_kwargs)."""
     parts = collect_media_parts(messages, settings)
     loader = loader or MediaLoader(settings)
     images: list[LoadedImage] = []
@@ -106,6 +108,6 @@ async def load_chat_media(messages: Sequence[ChatMessage], settings: MediaSettin
         except* MediaError as eg:
             raise eg.exceptions[0] from None
         images = [t.result() for t in tasks]
-    kwargs = settings.mm_processor_kwargs
+    kwargs = processor_kwargs or {}
     return ChatMedia(messages=template_messages(messages), images=tuple(images),
                      hashes=tuple(mm_hash(img.data, kwargs) for img in images))

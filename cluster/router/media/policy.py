@@ -19,15 +19,12 @@ DEFAULT_MAX_MM_BODY_BYTES = 64 << 20  # a few base64 images; the text cap is Rou
 class MediaSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enable_mm: bool = Field(False, description="accept image content parts in chat requests (--enable-mm); off: "
-                            "they are refused with 400")
+    enable_mm: bool | None = Field(None, description="accept image content parts in chat requests (--enable-mm); "
+                                   "None: on exactly when the model is a vision model; false: refused with 400")
     limit_mm_per_prompt: dict[str, int] = Field(
         default_factory=lambda: {"image": 10, "video": 0},
         description="most items of each modality per request, e.g. {\"image\": 10}; a modality not named "
                     "allows none. Video is accepted here but refused per request (no video decoder)")
-    mm_processor_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="options of the model's multimodal processor (e.g. max_pixels, "
-                                          "video_max_frames); mixed into every item's content hash")
     max_image_bytes: int = Field(DEFAULT_MAX_IMAGE_BYTES, gt=0, description="most bytes of one encoded image "
                                  "(a data URL's decoded payload, a fetched body, a local file); over it: 413")
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, gt=0, description="most width*height of one image, "

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13pdserve/v1/kv.proto\x12\npdserve.v1\"\xaf\x01\n\x08KVHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nkv_address\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x13\n\x0blayout_hash\x18\x06 \x01(\t\x12\x19\n\x11lease_expiry_unix\x18\x07 \x01(\x01\x12\x11\n\ttransport\x18\x08 \x01(\t\"\x83\x01\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x1a\n\x12layout_description\x18\x05 \x01(\t\"\xee\x01\n\x11HandshakeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x1a\n\x12layout_description\x18\x04 \x01(\t\x12\x17\n\x0fnixl_agent_name\x18\x05 \x01(\t\x12\x1b\n\x13nixl_agent_metadata\x18\x06 \x01(\x0c\x12\x1c\n\x14layer_base_addresses\x18\x07 \x03(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x08 \x01(\x04\x12\x12\n\nnum_blocks\x18\t \x01(\r\"T\n\x11PullBlocksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x18\n\x10\x62locks_per_chunk\x18\x03 \x01(\r\">\n\nBlockChunk\x12\x0e\n\x06offset\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\":\n\x0cLeaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0epeer_worker_id\x18\x02 \x01(\t\"6\n\rLeaseResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x19\n\x11lease_expiry_unix\x18\x02 \x01(\x01\x32\x99\x02\n\x02KV\x12H\n\tHandshake\x12\x1c.pdserve.v1.HandshakeRequest\x1a\x1d.pdserve.v1.HandshakeResponse\x12\x45\n\nPullBlocks\x12\x1d.pdserve.v1.PullBlocksRequest\x1a\x16.pdserve.v1.BlockChunk0\x01\x12\x42\n\x0b\x45xtendLease\x12\x18.pdserve.v1.LeaseRequest\x1a\x19.pdserve.v1.LeaseResponse\x12>\n\x07Release\x12\x18.pdserve.v1.LeaseRequest\x1a\x19.pdserve.v1.LeaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13pdserve/v1/kv.proto\x12\npdserve.v1\"\xff\x01\n\x08KVHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nkv_address\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x13\n\x0blayout_hash\x18\x06 \x01(\t\x12\x19\n\x11lease_expiry_unix\x18\x07 \x01(\x01\x12\x11\n\ttransport\x18\x08 \x01(\t\x12$\n\x08mm_spans\x18\t \x03(\x0b\x32\x12.pdserve.v1.MMSpan\x12\x18\n\x0bmrope_delta\x18\n \x01(\x03H\x00\x88\x01\x01\x42\x0e\n\x0c_mrope_delta\">\n\x06MMSpan\x12\x0e\n\x06offset\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\x04\"\x83\x01\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x1a\n\x12layout_description\x18\x05 \x01(\t\"\xee\x01\n\x11HandshakeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x1a\n\x12layout_description\x18\x04 \x01(\t\x12\x17\n\x0fnixl_agent_name\x18\x05 \x01(\t\x12\x1b\n\x13nixl_agent_metadata\x18\x06 \x01(\x0c\x12\x1c\n\x14layer_base_addresses\x18\x07 \x03(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x08 \x01(\x04\x12\x12\n\nnum_blocks\x18\t \x01(\r\"T\n\x11PullBlocksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x18\n\x10\x62locks_per_chunk\x18\x03 \x01(\r\">\n\nBlockChunk\x12\x0e\n\x06offset\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\":\n\x0cLeaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0epeer_worker_id\x18\x02 \x01(\t\"6\n\rLeaseResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x19\n\x11lease_expiry_unix\x18\x02 \x01(\x01\x32\x99\x02\n\x02KV\x12H\n\tHandshake\x12\x1c.pdserve.v1.HandshakeRequest\x1a\x1d.pdserve.v1.HandshakeResponse\x12\x45\n\nPullBlocks\x12\x1d.pdserve.v1.PullBlocksRequest\x1a\x16.pdserve.v1.BlockChunk0\x01\x12\x42\n\x0b\x45xtendLease\x12\x18.pdserve.v1.LeaseRequest\x1a\x19.pdserve.v1.LeaseResponse\x12>\n\x07Release\x12\x18.pdserve.v1.LeaseRequest\x1a\x19.pdserve.v1.LeaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.kv_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVHANDLE']._serialized_start=36
-  _globals['_KVHANDLE']._serialized_end=211
-  _globals['_HANDSHAKEREQUEST']._serialized_start=214
-  _globals['_HANDSHAKEREQUEST']._serialized_end=345
-  _globals['_HANDSHAKERESPONSE']._serialized_start=348
-  _globals['_HANDSHAKERESPONSE']._serialized_end=586
-  _globals['_PULLBLOCKSREQUEST']._serialized_start=588
-  _globals['_PULLBLOCKSREQUEST']._serialized_end=672
-  _globals['_BLOCKCHUNK']._serialized_start=674
-  _globals['_BLOCKCHUNK']._serialized_end=736
-  _globals['_LEASEREQUEST']._serialized_start=738
-  _globals['_LEASEREQUEST']._serialized_end=796
-  _globals['_LEASERESPONSE']._serialized_start=798
-  _globals['_LEASERESPONSE']._serialized_end=852
-  _globals['_KV']._serialized_start=855
-  _globals['_KV']._serialized_end=1136
+  _globals['_KVHANDLE']._serialized_end=291
+  _globals['_MMSPAN']._serialized_start=293
+  _globals['_MMSPAN']._serialized_end=355
+  _globals['_HANDSHAKEREQUEST']._serialized_start=358
+  _globals['_HANDSHAKEREQUEST']._serialized_end=489
+  _globals['_HANDSHAKERESPONSE']._serialized_start=492
+  _globals['_HANDSHAKERESPONSE']._serialized_end=730
+  _globals['_PULLBLOCKSREQUEST']._serialized_start=732
+  _globals['_PULLBLOCKSREQUEST']._serialized_end=816
+  _globals['_BLOCKCHUNK']._serialized_start=818
+  _globals['_BLOCKCHUNK']._serialized_end=880
+  _globals['_LEASEREQUEST']._serialized_start=882
+  _globals['_LEASEREQUEST']._serialized_end=940
+  _globals['_LEASERESPONSE']._serialized_start=942
+  _globals['_LEASERESPONSE']._serialized_end=996
+  _globals['_KV']._serialized_start=999
+  _globals['_KV']._serialized_end=1280
 # @@protoc_insertion_point(module_scope)

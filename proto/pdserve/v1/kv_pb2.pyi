@@ -1,13 +1,13 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVHandle(_message.Message):
-    __slots__ = ("worker_id", "kv_address", "request_id", "block_ids", "num_tokens", "layout_hash", "lease_expiry_unix", "transport")
+    __slots__ = ("worker_id", "kv_address", "request_id", "block_ids", "num_tokens", "layout_hash", "lease_expiry_unix", "transport", "mm_spans", "mrope_delta")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,8 @@ class KVHandle(_message.Message):
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRY_UNIX_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    MM_SPANS_FIELD_NUMBER: _ClassVar[int]
+    MROPE_DELTA_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     kv_address: str
     request_id: str
@@ -24,7 +26,19 @@ class KVHandle(_message.Message):
     layout_hash: str
     lease_expiry_unix: float
     transport: str
-    def __init__(self, worker_id: _Optional[str] = ..., kv_address: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout_hash: _Optional[str] = ..., lease_expiry_unix: _Optional[float] = ..., transport: _Optional[str] = ...) -> None: ...
+    mm_spans: _containers.RepeatedCompositeFieldContainer[MMSpan]
+    mrope_delta: int
+    def __init__(self, worker_id: _Optional[str] = ..., kv_address: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout_hash: _Optional[str] = ..., lease_expiry_unix: _Optional[float] = ..., transport: _Optional[str] = ..., mm_spans: _Optional[_Iterable[_Union[MMSpan, _Mapping]]] = ..., mrope_delta: _Optional[int] = ...) -> None: ...
+
+class MMSpan(_message.Message):
+    __slots__ = ("offset", "length", "content_hash")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    content_hash: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., content_hash: _Optional[int] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
     __slots__ = ("protocol_version", "layout_hash", "worker_id", "transport", "layout_description")

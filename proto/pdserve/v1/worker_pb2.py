@@ -25,55 +25,57 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import kv_pb2 as pdserve_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x13pdserve/v1/kv.proto\"\xb6\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x12\n\nmin_tokens\x18\x07 \x01(\r\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\t\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x16\n\x14_skip_special_tokens\"\x94\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"\xd6\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\"w\n\x0fPrefillResponse\x12%\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x16.pdserve.v1.TokenChunk\x12$\n\x06handle\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12\x17\n\x0fprefill_seconds\x18\x03 \x01(\x01\"\xae\x01\n\rDecodeRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.GenerateRequest\x12$\n\x06handle\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12\x31\n\x0e\x66irst_logprobs\x18\x04 \x01(\x0b\x32\x19.pdserve.v1.TokenLogprobs\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\xb6\x02\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\r\n\x05phase\x18\x06 \x01(\t\x12\x18\n\x10phase_since_unix\x18\x07 \x01(\x01\x12%\n\x0btarget_role\x18\x08 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x0e\n\x06reason\x18\t \x01(\t\x12\'\n\x07history\x18\n \x03(\x0b\x32\x16.pdserve.v1.PhaseEvent\x12\x1b\n\x13role_switches_total\x18\x0b \x01(\x04\x12\x1c\n\x14role_rollbacks_total\x18\x0c \x01(\x04\"\x90\x01\n\nPhaseEvent\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07ts_unix\x18\x02 \x01(\x01\x12\x1e\n\x04role\x18\x03 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12%\n\x0btarget_role\x18\x05 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x0c\n\x04note\x18\x06 \x01(\t\"\x0e\n\x0cStatsRequest\"\xa3\x08\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x1c\n\x14num_requests_running\x18\x04 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x05 \x01(\r\x12\x16\n\x0enum_holding_kv\x18\x06 \x01(\r\x12\x1a\n\x12num_waiting_for_kv\x18\x07 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\r\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\n \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x0b \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x0c \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\r \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x0e \x01(\x04\x12\x1d\n\x15queued_prefill_tokens\x18\x0f \x01(\x04\x12\x1a\n\x12kv_transfers_total\x18\x10 \x01(\x04\x12\x1f\n\x17kv_transfer_bytes_total\x18\x11 \x01(\x04\x12!\n\x19kv_transfer_seconds_total\x18\x12 \x01(\x01\x12\"\n\x1akv_transfer_failures_total\x18\x13 \x01(\x04\x12\x1e\n\x16kv_lease_expired_total\x18\x14 \x01(\x04\x12\x1a\n\x12kv_recompute_total\x18\x15 \x01(\x04\x12\x1f\n\x17kv_blocks_skipped_total\x18\x16 \x01(\x04\x12\x1e\n\x16kv_blocks_served_total\x18\x17 \x01(\x04\x12\x19\n\x11num_active_leases\x18\x18 \x01(\r\x12\x1b\n\x13role_switches_total\x18\x19 \x01(\x04\x12\x1c\n\x14\x65xpert_parallel_size\x18\x1a \x01(\r\x12+\n\x0b\x65xpert_load\x18\x1b \x03(\x0b\x32\x16.pdserve.v1.ExpertLoad\x12\x1e\n\x16requests_resumed_total\x18\x1c \x01(\x04\x12\x37\n\x12role_switch_counts\x18\x1d \x03(\x0b\x32\x1b.pdserve.v1.RoleSwitchCount\x12=\n\x19role_switch_phase_seconds\x18\x1e \x03(\x0b\x32\x1a.pdserve.v1.PhaseHistogram\x12 \n\x18sequences_migrated_total\x18\x1f \x01(\x04\x12#\n\x1bsequences_migrated_in_total\x18  \x01(\x04\x12!\n\x19migration_recompute_total\x18! \x01(\x04\"Y\n\x0ePhaseHistogram\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x14\n\x0cupper_bounds\x18\x02 \x03(\x01\x12\x15\n\rbucket_counts\x18\x03 \x03(\x04\x12\x0b\n\x03sum\x18\x04 \x01(\x01\"h\n\x0fRoleSwitchCount\x12#\n\tfrom_role\x18\x01 \x01(\x0e\x32\x10.pdserve.v1.Role\x12!\n\x07to_role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"+\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\"\x80\x01\n\x0eSetRoleRequest\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x16\n\x0e\x65xpected_epoch\x18\x02 \x01(\x04\x12\x17\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01\x12\x0f\n\x07migrate\x18\x04 \x01(\x08\x12\x0c\n\x04wait\x18\x05 \x01(\x08\"q\n\x0fSetRoleResponse\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t*O\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\x0e\n\nROLE_MIXED\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xd0\x03\n\x06Worker\x12\x43\n\x07Prefill\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12=\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x16.pdserve.v1.TokenChunk0\x01\x12\x41\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x16.pdserve.v1.TokenChunk0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse\x12<\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x19.pdserve.v1.StatsResponse\x12\x42\n\x07SetRole\x12\x1a.pdserve.v1.SetRoleRequest\x1a\x1b.pdserve.v1.SetRoleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x13pdserve/v1/kv.proto\"\xb6\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x12\n\nmin_tokens\x18\x07 \x01(\r\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\t\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x16\n\x14_skip_special_tokens\"\xba\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\x05\x12$\n\x05media\x18\x06 \x03(\x0b\x32\x15.pdserve.v1.MediaItem\"+\n\tMediaItem\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"\xd6\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\"w\n\x0fPrefillResponse\x12%\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x16.pdserve.v1.TokenChunk\x12$\n\x06handle\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12\x17\n\x0fprefill_seconds\x18\x03 \x01(\x01\"\xae\x01\n\rDecodeRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.GenerateRequest\x12$\n\x06handle\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12\x31\n\x0e\x66irst_logprobs\x18\x04 \x01(\x0b\x32\x19.pdserve.v1.TokenLogprobs\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\xb6\x02\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\r\n\x05phase\x18\x06 \x01(\t\x12\x18\n\x10phase_since_unix\x18\x07 \x01(\x01\x12%\n\x0btarget_role\x18\x08 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x0e\n\x06reason\x18\t \x01(\t\x12\'\n\x07history\x18\n \x03(\x0b\x32\x16.pdserve.v1.PhaseEvent\x12\x1b\n\x13role_switches_total\x18\x0b \x01(\x04\x12\x1c\n\x14role_rollbacks_total\x18\x0c \x01(\x04\"\x90\x01\n\nPhaseEvent\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07ts_unix\x18\x02 \x01(\x01\x12\x1e\n\x04role\x18\x03 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12%\n\x0btarget_role\x18\x05 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x0c\n\x04note\x18\x06 \x01(\t\"\x0e\n\x0cStatsRequest\"\xa3\x08\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x1c\n\x14num_requests_running\x18\x04 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x05 \x01(\r\x12\x16\n\x0enum_holding_kv\x18\x06 \x01(\r\x12\x1a\n\x12num_waiting_for_kv\x18\x07 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\r\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\n \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x0b \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x0c \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\r \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x0e \x01(\x04\x12\x1d\n\x15queued_prefill_tokens\x18\x0f \x01(\x04\x12\x1a\n\x12kv_transfers_total\x18\x10 \x01(\x04\x12\x1f\n\x17kv_transfer_bytes_total\x18\x11 \x01(\x04\x12!\n\x19kv_transfer_seconds_total\x18\x12 \x01(\x01\x12\"\n\x1akv_transfer_failures_total\x18\x13 \x01(\x04\x12\x1e\n\x16kv_lease_expired_total\x18\x14 \x01(\x04\x12\x1a\n\x12kv_recompute_total\x18\x15 \x01(\x04\x12\x1f\n\x17kv_blocks_skipped_total\x18\x16 \x01(\x04\x12\x1e\n\x16kv_blocks_served_total\x18\x17 \x01(\x04\x12\x19\n\x11num_active_leases\x18\x18 \x01(\r\x12\x1b\n\x13role_switches_total\x18\x19 \x01(\x04\x12\x1c\n\x14\x65xpert_parallel_size\x18\x1a \x01(\r\x12+\n\x0b\x65xpert_load\x18\x1b \x03(\x0b\x32\x16.pdserve.v1.ExpertLoad\x12\x1e\n\x16requests_resumed_total\x18\x1c \x01(\x04\x12\x37\n\x12role_switch_counts\x18\x1d \x03(\x0b\x32\x1b.pdserve.v1.RoleSwitchCount\x12=\n\x19role_switch_phase_seconds\x18\x1e \x03(\x0b\x32\x1a.pdserve.v1.PhaseHistogram\x12 \n\x18sequences_migrated_total\x18\x1f \x01(\x04\x12#\n\x1bsequences_migrated_in_total\x18  \x01(\x04\x12!\n\x19migration_recompute_total\x18! \x01(\x04\"Y\n\x0ePhaseHistogram\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x14\n\x0cupper_bounds\x18\x02 \x03(\x01\x12\x15\n\rbucket_counts\x18\x03 \x03(\x04\x12\x0b\n\x03sum\x18\x04 \x01(\x01\"h\n\x0fRoleSwitchCount\x12#\n\tfrom_role\x18\x01 \x01(\x0e\x32\x10.pdserve.v1.Role\x12!\n\x07to_role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"+\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\"\x80\x01\n\x0eSetRoleRequest\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x16\n\x0e\x65xpected_epoch\x18\x02 \x01(\x04\x12\x17\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01\x12\x0f\n\x07migrate\x18\x04 \x01(\x08\x12\x0c\n\x04wait\x18\x05 \x01(\x08\"q\n\x0fSetRoleResponse\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t*O\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\x0e\n\nROLE_MIXED\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xd0\x03\n\x06Worker\x12\x43\n\x07Prefill\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12=\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x16.pdserve.v1.TokenChunk0\x01\x12\x41\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x16.pdserve.v1.TokenChunk0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse\x12<\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x19.pdserve.v1.StatsResponse\x12\x42\n\x07SetRole\x12\x1a.pdserve.v1.SetRoleRequest\x1a\x1b.pdserve.v1.SetRoleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=3544
-  _globals['_ROLE']._serialized_end=3623
-  _globals['_FINISHREASON']._serialized_start=3625
-  _globals['_FINISHREASON']._serialized_end=3745
+  _globals['_ROLE']._serialized_start=3627
+  _globals['_ROLE']._serialized_end=3706
+  _globals['_FINISHREASON']._serialized_start=3708
+  _globals['_FINISHREASON']._serialized_end=3828
   _globals['_SAMPLINGPARAMS']._serialized_start=61
   _globals['_SAMPLINGPARAMS']._serialized_end=627
   _globals['_GENERATEREQUEST']._serialized_start=630
-  _globals['_GENERATEREQUEST']._serialized_end=778
-  _globals['_TOPLOGPROB']._serialized_start=780
-  _globals['_TOPLOGPROB']._serialized_end=827
-  _globals['_TOKENLOGPROBS']._serialized_start=829
-  _globals['_TOKENLOGPROBS']._serialized_end=916
-  _globals['_TOKENCHUNK']._serialized_start=919
-  _globals['_TOKENCHUNK']._serialized_end=1133
-  _globals['_PREFILLRESPONSE']._serialized_start=1135
-  _globals['_PREFILLRESPONSE']._serialized_end=1254
-  _globals['_DECODEREQUEST']._serialized_start=1257
-  _globals['_DECODEREQUEST']._serialized_end=1431
-  _globals['_ABORTREQUEST']._serialized_start=1433
-  _globals['_ABORTREQUEST']._serialized_end=1467
-  _globals['_ABORTRESPONSE']._serialized_start=1469
-  _globals['_ABORTRESPONSE']._serialized_end=1499
-  _globals['_HEALTHREQUEST']._serialized_start=1501
-  _globals['_HEALTHREQUEST']._serialized_end=1516
-  _globals['_HEALTHRESPONSE']._serialized_start=1519
-  _globals['_HEALTHRESPONSE']._serialized_end=1829
-  _globals['_PHASEEVENT']._serialized_start=1832
-  _globals['_PHASEEVENT']._serialized_end=1976
-  _globals['_STATSREQUEST']._serialized_start=1978
-  _globals['_STATSREQUEST']._serialized_end=1992
-  _globals['_STATSRESPONSE']._serialized_start=1995
-  _globals['_STATSRESPONSE']._serialized_end=3054
-  _globals['_PHASEHISTOGRAM']._serialized_start=3056
-  _globals['_PHASEHISTOGRAM']._serialized_end=3145
-  _globals['_ROLESWITCHCOUNT']._serialized_start=3147
-  _globals['_ROLESWITCHCOUNT']._serialized_end=3251
-  _globals['_EXPERTLOAD']._serialized_start=3253
-  _globals['_EXPERTLOAD']._serialized_end=3296
-  _globals['_SETROLEREQUEST']._serialized_start=3299
-  _globals['_SETROLEREQUEST']._serialized_end=3427
-  _globals['_SETROLERESPONSE']._serialized_start=3429
-  _globals['_SETROLERESPONSE']._serialized_end=3542
-  _globals['_WORKER']._serialized_start=3748
-  _globals['_WORKER']._serialized_end=4212
+  _globals['_GENERATEREQUEST']._serialized_end=816
+  _globals['_MEDIAITEM']._serialized_start=818
+  _globals['_MEDIAITEM']._serialized_end=861
+  _globals['_TOPLOGPROB']._serialized_start=863
+  _globals['_TOPLOGPROB']._serialized_end=910
+  _globals['_TOKENLOGPROBS']._serialized_start=912
+  _globals['_TOKENLOGPROBS']._serialized_end=999
+  _globals['_TOKENCHUNK']._serialized_start=1002
+  _globals['_TOKENCHUNK']._serialized_end=1216
+  _globals['_PREFILLRESPONSE']._serialized_start=1218
+  _globals['_PREFILLRESPONSE']._serialized_end=1337
+  _globals['_DECODEREQUEST']._serialized_start=1340
+  _globals['_DECODEREQUEST']._serialized_end=1514
+  _globals['_ABORTREQUEST']._serialized_start=1516
+  _globals['_ABORTREQUEST']._serialized_end=1550
+  _globals['_ABORTRESPONSE']._serialized_start=1552
+  _globals['_ABORTRESPONSE']._serialized_end=1582
+  _globals['_HEALTHREQUEST']._serialized_start=1584
+  _globals['_HEALTHREQUEST']._serialized_end=1599
+  _globals['_HEALTHRESPONSE']._serialized_start=1602
+  _globals['_HEALTHRESPONSE']._serialized_end=1912
+  _globals['_PHASEEVENT']._serialized_start=1915
+  _globals['_PHASEEVENT']._serialized_end=2059
+  _globals['_STATSREQUEST']._serialized_start=2061
+  _globals['_STATSREQUEST']._serialized_end=2075
+  _globals['_STATSRESPONSE']._serialized_start=2078
+  _globals['_STATSRESPONSE']._serialized_end=3137
+  _globals['_PHASEHISTOGRAM']._serialized_start=3139
+  _globals['_PHASEHISTOGRAM']._serialized_end=3228
+  _globals['_ROLESWITCHCOUNT']._serialized_start=3230
+  _globals['_ROLESWITCHCOUNT']._serialized_end=3334
+  _globals['_EXPERTLOAD']._serialized_start=3336
+  _globals['_EXPERTLOAD']._serialized_end=3379
+  _globals['_SETROLEREQUEST']._serialized_start=3382
+  _globals['_SETROLEREQUEST']._serialized_end=3510
+  _globals['_SETROLERESPONSE']._serialized_start=3512
+  _globals['_SETROLERESPONSE']._serialized_end=3625
+  _globals['_WORKER']._serialized_start=3831
+  _globals['_WORKER']._serialized_end=4295
 # @@protoc_insertion_point(module_scope)
