@@ -109,16 +109,24 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching limits: sequences per step, tokens per step, context length."""
+    """Continuous batching limits: sequences per step, tokens per step, context length, and the
+    image tokens the vision encoder may produce in one step (None: max_num_batched_tokens)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
+    max_num_encoder_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_num_encoder_tokens is not None and self.max_num_encoder_tokens < 1:
+            raise ValueError(f"max_num_encoder_tokens={self.max_num_encoder_tokens} must be >= 1")
+
+    @property
+    def encoder_budget(self) -> int:
+        return self.max_num_encoder_tokens or self.max_num_batched_tokens
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,9 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.runner = runner if runner is not None else ModelRunner(config, device)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        cache = getattr(self.runner, "encoder_cache", None)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager,
+                                   encoder_cached=cache.__contains__ if cache is not None else None)
         self.requests: dict[str, Request] = {}  # every unfinished request (children for n > 1)
         self.children: dict[str, list[str]] = {}  # parent id -> child ids
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -101,6 +103,7 @@ class LLMEngine:
         ep_launcher: Any = None,
         ep_dispatch: str = "replicated",
         mm_processor_kwargs: Mapping[str, Any] | None = None,
+        max_num_encoder_tokens: int | None = None,
     ) -> "LLMEngine":
         """Build from vLLM-style arguments; `model=None` serves the default model.
 
@@ -111,7 +114,9 @@ class LLMEngine:
         `ep_launcher` starts the other ranks (default: child processes; see engine.parallel.group);
         `ep_dispatch` is "replicated" or "alltoall" (see engine.parallel.expert.EPMoE).
         `mm_processor_kwargs`: options of a vision model's image processor (e.g. max_pixels), the
-        same for every request (they are part of each image's content hash)."""
+        same for every request (they are part of each image's content hash);
+        `max_num_encoder_tokens`: image tokens the vision encoder may make per step (default: the
+        token budget)."""
         if expert_parallel_size < 1:
             raise ValueError(f"expert_parallel_size must be >= 1, got {expert_parallel_size}")
         path = resolve_model_path(model)
@@ -122,7 +127,7 @@ class LLMEngine:
         config = EngineConfig(
             model=mc,
             cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb, enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, max_num_encoder_tokens),
         )
         runner = None
         if expert_parallel_size > 1 and "vision_config" in mc.hf_config:

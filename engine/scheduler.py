@@ -9,10 +9,17 @@ Each step:
    matched against the prefix cache so that only the uncached tail is computed.
 A request samples a token only in a step that completes all its known tokens, so prefill,
 chunked prefill, decode and recompute after preemption are the same code path.
+
+Images count too: a chunk that reaches an image whose encoder output is not cached runs the
+vision encoder over the whole image, so each step has an encoder budget (image tokens,
+`SchedulerConfig.encoder_budget`) besides the token budget. A chunk that would overrun it stops
+before that image (or waits a step when the image is where it starts). An image larger than the
+whole encoder budget still runs, alone, so it never starves.
 """
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
@@ -48,12 +55,17 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting and running queues: `add / schedule / update_after_step / finish / abort`."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 encoder_cached: Callable[[int], bool] | None = None) -> None:
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Whether an image's encoder output is cached (by content hash): the model runner knows.
+        self.encoder_cached = encoder_cached or (lambda content_hash: False)
+        self._encoding: set[int] = set()  # images this step's schedule encodes
+        self._encoder_left = 0
 
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -85,15 +97,39 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _fit_encoder(self, req: Request, start: int, num_new: int) -> int:
+        """`num_new` cut so that the images the chunk [start, start + num_new) must encode fit the
+        step's encoder budget (which they then take)."""
+        if not req.mm_items:
+            return num_new
+        for item in req.mm_items:
+            if item.offset >= start + num_new or item.end <= start or item.pixel_values is None:
+                continue  # outside the chunk, or no pixels here (its KV came with the request)
+            h = item.content_hash
+            if h in self._encoding or self.encoder_cached(h):
+                continue
+            alone = len(self._encoding) == 0 and self._encoder_left == self.config.encoder_budget
+            if item.length > self._encoder_left and not alone:
+                return max(0, item.offset - start)
+            self._encoding.add(h)
+            self._encoder_left -= min(item.length, self._encoder_left)
+        return num_new
+
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
+        self._encoding = set()
+        self._encoder_left = self.config.encoder_budget
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = self._fit_encoder(req, req.num_computed_tokens, num_new)
+            if num_new == 0:  # its next chunk starts at an image the encoder has no room for
+                i += 1
+                continue
             while not self.block_manager.allocate(req, req.num_computed_tokens + num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -118,8 +154,8 @@ class Scheduler:
                 num_computed = len(cached) * self.block_manager.block_size
             else:
                 num_computed = req.num_computed_tokens
-            num_new = min(req.num_tokens - num_computed, budget)
-            if not self.block_manager.allocate(req, num_computed + num_new, cached, hashes):
+            num_new = self._fit_encoder(req, num_computed, min(req.num_tokens - num_computed, budget))
+            if num_new == 0 or not self.block_manager.allocate(req, num_computed + num_new, cached, hashes):
                 break
             self.waiting.popleft()
             if looked_up:

@@ -24,6 +24,10 @@ class EncoderCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: int) -> bool:
+        """Whether `key` is cached (no hit counted, no LRU move: the scheduler asks this)."""
+        return key in self._entries
+
     def clear(self) -> None:
         self._entries.clear()
         self._bytes = 0

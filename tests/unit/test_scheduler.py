@@ -522,3 +522,64 @@ def test_random_workloads_finish_with_consistent_bookkeeping(seed, prefix_cachin
     if prefix_caching:
         assert sched.block_manager.prefix_hits <= sched.block_manager.prefix_queries
     assert_no_leaks(sched)
+
+
+# ----- the encoder budget (images) -----
+def _image_request(n_tokens: int, images: list[tuple[int, int, int]], rid: str | None = None) -> Request:
+    """A prompt of `n_tokens` with images at (offset, length, content hash), pixels present."""
+    import torch
+
+    from engine.multimodal.items import MultiModalItem
+
+    items = tuple(MultiModalItem("image", o, n, (1, 2, 2), h, torch.zeros(4, 3)) for o, n, h in images)
+    return Request(rid or f"r{next(_ids)}", [next(_fresh_tokens) for _ in range(n_tokens)],
+                   SamplingParams(max_tokens=2), mm_items=items)
+
+
+def _encoder_sched(encoder_tokens: int, cached: set[int] | None = None, batched: int = 64) -> Scheduler:
+    bm = BlockManager(64, 4, True)
+    return Scheduler(SchedulerConfig(8, batched, 4096, encoder_tokens), bm,
+                     encoder_cached=(cached or set()).__contains__)
+
+
+def _steps(sched: Scheduler, *reqs: Request) -> list[list[tuple[str, int]]]:
+    sim = Sim(sched)
+    sim.add(*reqs)
+    plan = []
+    while sched.has_work:
+        out, _ = sim.step()
+        plan.append([(s.request.request_id, s.num_new_tokens) for s in out.scheduled])
+    assert_no_leaks(sched)
+    return plan
+
+
+def test_a_chunk_stops_before_an_image_the_encoder_has_no_room_for():
+    # Two 16-token images; the encoder makes 20 image tokens a step: the second image waits.
+    req = _image_request(48, [(4, 16, 1), (24, 16, 2)], "a")
+    plan = _steps(_encoder_sched(20), req)
+    assert plan[0] == [("a", 24)]  # up to the second image
+    assert plan[1] == [("a", 24)]  # the second image and the rest
+    # Enough room: one chunk.
+    assert _steps(_encoder_sched(32), _image_request(48, [(4, 16, 1), (24, 16, 2)], "b"))[0] == [("b", 48)]
+
+
+def test_encoder_budget_is_shared_by_the_step_and_cached_images_are_free():
+    a = _image_request(20, [(2, 16, 1)], "a")
+    b = _image_request(20, [(0, 16, 2)], "b")  # its image is where its prompt starts: it waits a step
+    plan = _steps(_encoder_sched(16), a, b)
+    assert plan[0] == [("a", 20)] and ("b", 20) in plan[1]
+    # The same image twice in one step is encoded once; a cached one takes no budget.
+    c, d = _image_request(20, [(2, 16, 7)], "c"), _image_request(20, [(2, 16, 7)], "d")
+    assert _steps(_encoder_sched(16), c, d)[0] == [("c", 20), ("d", 20)]
+    e, f = _image_request(20, [(2, 16, 8)], "e"), _image_request(20, [(2, 16, 9)], "f")
+    assert _steps(_encoder_sched(16, cached={8, 9}), e, f)[0] == [("e", 20), ("f", 20)]
+
+
+def test_an_image_larger_than_the_encoder_budget_still_runs_alone():
+    big = _image_request(40, [(0, 32, 3)], "big")
+    other = _image_request(40, [(0, 8, 4)], "other")
+    plan = _steps(_encoder_sched(16), big, other)
+    assert plan[0] == [("big", 40)]  # alone, never starved
+    assert ("other", 40) in plan[1]
+    with pytest.raises(ValueError, match="must be >= 1"):
+        SchedulerConfig(8, 64, 4096, 0)
