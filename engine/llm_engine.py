@@ -130,9 +130,6 @@ class LLMEngine:
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, max_num_encoder_tokens),
         )
         runner = None
-        if expert_parallel_size > 1 and "vision_config" in mc.hf_config:
-            raise ValueError("expert parallelism is not supported yet for vision-language models "
-                             f"({mc.architecture}); use expert_parallel_size=1")
         if expert_parallel_size > 1:
             from engine.parallel.runner import EPLeaderRunner
             from engine.parallel.settings import config_to_json

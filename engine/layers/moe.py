@@ -116,6 +116,8 @@ class ModalityIsolatedMoE(torch.nn.Module):
     placeholders and its start/end markers, in the prompt) to the vision experts, each set with
     its own router, correction bias and expert width; the shared experts see every token."""
 
+    takes_vision_rows = True
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, text_intermediate_size: int,
                  vision_intermediate_size: int, num_shared_experts: int, norm_min: float, bias: bool = False) -> None:
         super().__init__()
@@ -138,6 +140,20 @@ class ModalityIsolatedMoE(torch.nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+
+def padded_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                  width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert as (gate_up [2*width, H], down [H, width]), zero-padded from its own width
+    (experts of two widths in one stacked tensor): the padded units compute silu(0) * 0 = 0 and
+    meet zero columns of down."""
+    own = gate.shape[0]
+    if own > width:
+        raise ValueError(f"expert width {own} is over the layer's {width}")
+    if own == width:
+        return torch.cat([gate, up]), down
+    rows = lambda t: torch.cat([t, t.new_zeros(width - own, t.shape[1])])  # noqa: E731
+    return torch.cat([rows(gate), rows(up)]), torch.cat([down, down.new_zeros(down.shape[0], width - own)], dim=1)
 
 
 def moe_layers(model: torch.nn.Module) -> list[SparseMoE]:

@@ -110,7 +110,7 @@ class DecoderLayer(torch.nn.Module):
         """x: the float32 residual stream, updated in place; h: this layer's normed input.
         Returns `next_norm` of the updated stream (the next layer's input, or the final norm)."""
         h = self.post_attention_layernorm.add_(x, self.self_attn(h, rope, cos, sin, meta))
-        if isinstance(self.mlp, ModalityIsolatedMoE):
+        if getattr(self.mlp, "takes_vision_rows", False):  # modality-isolated MoE (also its EP layer)
             return next_norm.add_(x, self.mlp(h, vision_rows))
         return next_norm.add_(x, self.mlp(h))
 
@@ -223,7 +223,11 @@ class DecoderForCausalLM(torch.nn.Module):
                 # float32 weights; out_dtype stays float32 so q/k are rounded once, after rotary.
                 put(layer.self_attn.q_norm.weight, take(a + ".q_norm.weight"), keep_fp32=True)
                 put(layer.self_attn.k_norm.weight, take(a + ".k_norm.weight"), keep_fp32=True)
-            if isinstance(layer.mlp, ModalityIsolatedMoE):
+            if hasattr(layer.mlp, "load_checkpoint"):  # an expert-parallel layer loads its own share
+                layer.mlp.load_checkpoint(take, put, p + ".mlp")
+                if getattr(layer.mlp, "shared_experts", None) is not None:
+                    load_mlp(layer.mlp.shared_experts, p + ".mlp.shared_experts")
+            elif isinstance(layer.mlp, ModalityIsolatedMoE):
                 # ERNIE-4.5-VL's checkpoint layout: one expert list, text experts 0..E-1 then vision
                 # experts E..2E-1; the routers transposed ([H, E]: gate.weight text, gate.weight_1
                 # vision); one correction bias [2, E] (text row, vision row).

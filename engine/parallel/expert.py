@@ -23,11 +23,12 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from engine.layers.moe import SparseMoE, expert_ffn
+from engine.layers.moe import ModalityIsolatedMoE, SparseMoE, expert_ffn, padded_expert
 from engine.parallel.placement import ExpertPlacement
 
 _EXPERT_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 DISPATCH_MODES = ("replicated", "alltoall")
+_LAYER_NAME = re.compile(r"(?:^|\.)(layers\.\d+\.)")
 _FUSED_EXPERTS = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(?:gate_up_proj|down_proj)$")
 
 
@@ -189,16 +190,20 @@ class EPMoE(SparseMoE):
         self.shared_experts = moe.shared_experts
         self.layer_index = layer_index
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def route(self, x: torch.Tensor, vision_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, global expert ids) of the rows of `x`."""
+        return self.gate(x)
+
+    def forward(self, x: torch.Tensor, vision_rows: torch.Tensor | None = None) -> torch.Tensor:
         comm = self.experts.comm
         T = x.shape[0]
         start, end = token_share(T, comm.size, comm.rank)
         xs = x[start:end]
         if self.dispatch == "replicated":
-            weights, ids = self.gate(x)
+            weights, ids = self.route(x, vision_rows)
             out = self.experts.forward_replicated(x, weights, ids, start, end)
         else:
-            weights, ids = self.gate(xs)
+            weights, ids = self.route(xs, None if vision_rows is None else vision_rows[start:end])
             out = self.experts(xs, weights, ids, start)
         if self.shared_experts is not None:
             out = out + self.shared_experts(xs)
@@ -210,13 +215,71 @@ class EPMoE(SparseMoE):
         return torch.cat([p[: b - a] for p, (a, b) in zip(parts, (token_share(T, comm.size, r) for r in range(comm.size)))])
 
 
+class EPModalityMoE(EPMoE):
+    """ERNIE-4.5-VL's modality-isolated MoE over the group: the text and vision experts are one
+    set of 2E global experts (text 0..E-1, vision E..2E-1, as the checkpoint numbers them), placed,
+    counted and rebalanced together. Text rows take the text router, vision rows the vision router
+    (its ids shifted by E); a token's experts are all of one modality, so combining in ascending
+    global order sums as the single-rank layer does. The experts are stored at the wider of the two
+    widths, the narrower zero-padded (padding adds exact zeros)."""
+
+    takes_vision_rows = True
+
+    def __init__(self, moe: ModalityIsolatedMoE, experts: EPExperts, layer_index: int,
+                 dispatch: str = "replicated") -> None:
+        super().__init__(moe.text_moe, experts, layer_index, dispatch)
+        self.vision_gate = moe.vision_moe.gate
+        self.shared_experts = moe.shared_experts
+        self.num_text_experts = moe.text_moe.experts.num_experts
+
+    def load_checkpoint(self, take: Callable[[str], torch.Tensor], put: Callable[..., None], prefix: str) -> None:
+        """This rank's share from ERNIE-4.5-VL's checkpoint layout (routers transposed, [H, E]:
+        gate.weight text, gate.weight_1 vision; one correction bias [2, E]; experts 0..2E-1),
+        each expert padded to the layer's width. The decoder loads the shared experts."""
+        bias = take(prefix + ".moe_statics.e_score_correction_bias").reshape(2, -1)
+        for gate, name, row in ((self.gate, ".gate.weight", 0), (self.vision_gate, ".gate.weight_1", 1)):
+            put(gate.weight, take(prefix + name).t(), keep_fp32=True)
+            put(gate.e_score_correction_bias, bias[row], keep_fp32=True)
+        e = prefix + ".experts"
+        pairs = [padded_expert(take(f"{e}.{j}.gate_proj.weight"), take(f"{e}.{j}.up_proj.weight"),
+                               take(f"{e}.{j}.down_proj.weight"), self.experts.intermediate_size)
+                 for j in self.experts.expert_ids]
+        put(self.experts.gate_up, torch.stack([gu for gu, _ in pairs]))
+        put(self.experts.down, torch.stack([d for _, d in pairs]))
+
+    def route(self, x: torch.Tensor, vision_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if vision_rows is None or not bool(vision_rows.any()):
+            return self.gate(x)
+        text_rows = ~vision_rows
+        k = self.gate.top_k
+        weights = torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device)
+        ids = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
+        if bool(text_rows.any()):
+            weights[text_rows], ids[text_rows] = self.gate(x[text_rows])
+        w, i = self.vision_gate(x[vision_rows])
+        weights[vision_rows], ids[vision_rows] = w, i + self.num_text_experts
+        return weights, ids
+
+
 def ep_layers(model: torch.nn.Module) -> list[EPMoE]:
     return [m for m in model.modules() if isinstance(m, EPMoE)]
 
 
+def moe_layer_experts(model: torch.nn.Module) -> dict[int, int]:
+    """Decoder-layer index -> routed experts of its MoE (a modality-isolated one: text + vision)."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        mlp = layer.mlp
+        if isinstance(mlp, ModalityIsolatedMoE):
+            out[i] = mlp.text_moe.experts.num_experts + mlp.vision_moe.experts.num_experts
+        elif isinstance(mlp, SparseMoE):
+            out[i] = mlp.experts.num_experts
+    return out
+
+
 def moe_layer_indices(model: torch.nn.Module) -> list[int]:
     """The decoder-layer indices whose MLP is a mixture of experts."""
-    return [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, SparseMoE)]
+    return list(moe_layer_experts(model))
 
 
 def shard_experts(model: torch.nn.Module, placements: dict[int, ExpertPlacement], comm: Collectives,
@@ -225,11 +288,18 @@ def shard_experts(model: torch.nn.Module, placements: dict[int, ExpertPlacement]
     indices = moe_layer_indices(model)
     if not indices:
         raise ValueError("expert parallelism needs a mixture-of-experts model; this one has no MoE layers")
+    counts = moe_layer_experts(model)
     for i in indices:
         moe = model.layers[i].mlp
         placement = placements[i]
-        if moe.experts.num_experts != placement.num_experts:
-            raise ValueError(f"placement is for {placement.num_experts} experts, the model has {moe.experts.num_experts}")
+        if counts[i] != placement.num_experts:
+            raise ValueError(f"placement is for {placement.num_experts} experts, the model has {counts[i]}")
+        if isinstance(moe, ModalityIsolatedMoE):
+            text, vision = moe.text_moe.experts, moe.vision_moe.experts
+            width = max(text.intermediate_size, vision.intermediate_size)
+            experts = EPExperts(placement, comm, text.gate_up.shape[-1], width)
+            model.layers[i].mlp = EPModalityMoE(moe, experts, i, dispatch)
+            continue
         hidden = moe.experts.gate_up.shape[-1]
         model.layers[i].mlp = EPMoE(moe, EPExperts(placement, comm, hidden, moe.experts.intermediate_size), i, dispatch)
 
@@ -264,7 +334,8 @@ def replace_experts(model: torch.nn.Module, placements: dict[int, ExpertPlacemen
         fused = _FUSED_EXPERTS.search(name)  # all experts of a layer in one tensor
         return fused is not None and bool(need.get(int(fused.group(1))))
 
-    loaded = {name.removeprefix("model."): t for name, t in read(keep)}
+    # By the name below the decoder prefix ("model." or a VL model's "model.language_model.").
+    loaded = {name[m.start(1):] if (m := _LAYER_NAME.search(name)) else name: t for name, t in read(keep)}
     for i, (moe, new, kept) in plan.items():
         old = moe.experts
         gate_up, down = [], []
@@ -279,8 +350,10 @@ def replace_experts(model: torch.nn.Module, placements: dict[int, ExpertPlacemen
                         gate_up.append(loaded[p + "gate_up_proj"][e])
                         down.append(loaded[p + "down_proj"][e])
                     else:
-                        gate_up.append(torch.cat([loaded[f"{p}{e}.gate_proj.weight"], loaded[f"{p}{e}.up_proj.weight"]]))
-                        down.append(loaded[f"{p}{e}.down_proj.weight"])
+                        gu, dn = padded_expert(loaded[f"{p}{e}.gate_proj.weight"], loaded[f"{p}{e}.up_proj.weight"],
+                                               loaded[f"{p}{e}.down_proj.weight"], old.intermediate_size)
+                        gate_up.append(gu)
+                        down.append(dn)
                 except KeyError as err:
                     raise ValueError(f"checkpoint is missing weight {err.args[0]!r}") from None
         dtype, device = old.gate_up.dtype, old.gate_up.device

@@ -1,7 +1,9 @@
 """A forward's inputs (token ids, positions, attention metadata) as plain JSON-able data.
 
 Rank 0 sends one of these to the other ranks before every forward, so they run exactly the
-batch rank 0's scheduler chose (plain ints: nothing is pickled).
+batch rank 0's scheduler chose (plain ints: nothing is pickled). A vision model's step adds its
+multimodal inputs: the rows, 3D positions and vision-expert rows as ints here, and the image
+embeddings (rank 0 runs the encoder) broadcast as a tensor right after the command.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 import torch
 
 from engine.layers.attention import AttentionMetadata, PrefillSegment
+from engine.multimodal.items import StepMultiModal
 
 
 def _list(t: torch.Tensor | None) -> Any:
@@ -44,3 +47,30 @@ def decode(plan: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, to
         decode_lens=t(plan["decode_lens"]),
     )
     return t(plan["ids"]), pos, meta
+
+
+def encode_multimodal(mm: StepMultiModal) -> dict[str, Any]:
+    """The ints of a step's multimodal inputs; the embeddings' shape and dtype (they follow as a
+    broadcast)."""
+    e = mm.embeds
+    return {
+        "embed_rows": _list(mm.embed_rows),
+        "embeds": None if e is None else [list(e.shape), str(e.dtype).removeprefix("torch.")],
+        "rope": _list(mm.rope_positions),
+        "vision_rows": _list(mm.vision_rows),
+    }
+
+
+def decode_multimodal(data: dict[str, Any], device: torch.device,
+                      receive: Any) -> StepMultiModal:
+    """The StepMultiModal of `encode_multimodal`'s data; `receive(empty)` fills the embeddings."""
+    def t(x: Any, dtype: torch.dtype = torch.long) -> torch.Tensor | None:
+        return None if x is None else torch.tensor(x, dtype=dtype, device=device)
+
+    embeds = None
+    if data["embeds"] is not None:
+        shape, dtype = data["embeds"]
+        embeds = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        receive(embeds)
+    return StepMultiModal(embed_rows=t(data["embed_rows"]), embeds=embeds, rope_positions=t(data["rope"]),
+                          vision_rows=t(data["vision_rows"], torch.bool))

@@ -17,7 +17,7 @@ from engine.loader import iter_weights
 from engine.model_runner import ModelRunner
 from engine.models.registry import build_model
 from engine.parallel import plan
-from engine.parallel.expert import (DISPATCH_MODES, Collectives, ep_layers, keep_weight, moe_layer_indices,
+from engine.parallel.expert import (DISPATCH_MODES, Collectives, ep_layers, keep_weight, moe_layer_experts,
                                     replace_experts, shard_experts)
 from engine.parallel.group import EPGroup, EPGroupError, Launcher
 from engine.parallel.placement import ExpertPlacement, balanced
@@ -35,14 +35,13 @@ def initial_placements(config: EngineConfig, size: int, redundant: int = 0) -> d
     if size < 1:
         raise ValueError(f"expert_parallel_size must be >= 1, got {size}")
     hf = config.model.hf_config
-    num_experts = hf.get("moe_num_experts") or hf.get("num_experts")
-    if not num_experts:
+    with torch.device("meta"):
+        counts = moe_layer_experts(build_model(config.model.architecture, hf))
+    if not counts:
         raise ValueError(f"expert_parallel_size={size} needs a mixture-of-experts model; "
                          f"{config.model.architecture} is dense")
-    placement = ExpertPlacement.contiguous(int(num_experts), size, redundant)
-    with torch.device("meta"):
-        layers = moe_layer_indices(build_model(config.model.architecture, hf))
-    return {i: placement for i in layers}
+    # A modality-isolated layer places its text and vision experts as one set of 2E.
+    return {i: ExpertPlacement.contiguous(n, size, redundant) for i, n in counts.items()}
 
 
 def placements_to_json(placements: dict[int, ExpertPlacement]) -> dict[str, list[list[int]]]:
@@ -92,8 +91,14 @@ class EPLeaderRunner(ModelRunner):
         self._window_start = [c.clone() for c in self.expert_counts(total=True)]
 
     def _send_plan(self, module: torch.nn.Module, args: tuple) -> None:
-        ids, positions, meta = args
-        self.group.send({"op": "forward", **plan.encode(ids, positions, meta)})
+        ids, positions, meta = args[:3]
+        mm = args[3] if len(args) > 3 else None
+        cmd = {"op": "forward", **plan.encode(ids, positions, meta)}
+        if mm is not None:
+            cmd["mm"] = plan.encode_multimodal(mm)
+        self.group.send(cmd)
+        if mm is not None and mm.embeds is not None:
+            self.group.comm.broadcast(mm.embeds.contiguous())
 
     def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
         # Any failure inside a forward leaves the ranks at different points: the group is done.
@@ -173,7 +178,10 @@ def run_follower(config: EngineConfig, comm: Collectives, num_redundant_experts:
                 return
             if cmd["op"] == "forward":
                 ids, positions, meta = plan.decode(cmd, runner.device)
-                runner.model(ids, positions, meta)
+                if "mm" in cmd:
+                    runner.model(ids, positions, meta, plan.decode_multimodal(cmd["mm"], runner.device, comm.broadcast))
+                else:
+                    runner.model(ids, positions, meta)
             elif cmd["op"] == "kv":
                 blocks = cmd["blocks"]
                 data = torch.empty(len(runner.kv_caches), len(blocks), *runner.kv_shape_per_block,
