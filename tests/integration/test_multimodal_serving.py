@@ -23,13 +23,14 @@ from PIL import Image
 from cluster.router.media.policy import MediaSettings
 from tests.cluster_harness import (TEST_ENGINE, cluster_config, ray_session, running_clusters, worker_leaks,
                                    worker_stats)
-from tests.conftest import with_vl_tokenizer
+from tests.conftest import VL_TOKENS, with_vl_tokenizer
 
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 8
 MAX_MODEL_LEN = 512  # a 640x640 image (~520 tokens) does not fit
 IMAGE_LIMIT = 3
+VL_IMAGE_TOKEN = VL_TOKENS["image_token_id"]
 
 
 def _png(w: int, h: int, seed: int, fmt: str = "PNG") -> bytes:
@@ -238,3 +239,39 @@ def test_bad_image_input_gets_openai_errors_and_leaks_nothing(clusters, image_se
         "messages": [{"role": "user", "content": [_image(big)]}]}).status_code == 413
     assert worker_leaks(s) == []
     assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+
+
+def test_prefix_index_is_keyed_by_image_content(clusters, redis_server):
+    """The prefill worker publishes its image blocks under content-keyed hashes that the router
+    computes the same way: the index finds the blocks of the image it saw, and not those of
+    another image of the same size in the same place."""
+    import asyncio
+
+    from cluster.state.store import Store
+    from pdcommon.block_hash import prefix_block_hashes
+    from pdcommon.mm_hash import mm_hash
+
+    session = clusters["grpc"]
+    other = _png(112, 168, 99)  # CAT's size, other pixels
+    seen = [{"role": "user", "content": [_text("t20 t21 t22 t23"), _image(_data_url(CAT)), _text("t24")]}]
+    unseen = [{"role": "user", "content": [_text("t20 t21 t22 t23"), _image(_data_url(other)), _text("t24")]}]
+    _chat(session, seen)
+    prefill_id = next(w["worker_id"] for w in session.workers if w["role"] == "prefill")
+
+    def chain(messages, image: bytes) -> list[int]:
+        ids = httpx.post(f"{session.url}/tokenize", json={"messages": messages}, timeout=30).json()["tokens"]
+        start = ids.index(VL_IMAGE_TOKEN)
+        n = ids.count(VL_IMAGE_TOKEN)
+        return prefix_block_hashes(ids, TEST_ENGINE.block_size, [(start, n, mm_hash(image))])
+
+    async def overlaps() -> tuple[dict[str, int], dict[str, int]]:
+        store = Store.from_url(redis_server.url, session.config.cluster)
+        try:
+            return await store.prefix_overlap(chain(seen, CAT)), await store.prefix_overlap(chain(unseen, other))
+        finally:
+            await store.close()
+
+    hit, miss = asyncio.run(overlaps())
+    blocks = len(chain(seen, CAT))
+    assert hit.get(prefill_id) == blocks  # every full block of the prompt, images included
+    assert miss.get(prefill_id, 0) == 0  # the image starts in the first block: nothing shared
