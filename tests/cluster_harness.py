@@ -18,14 +18,14 @@ TEST_ENGINE = EngineArgs(num_kv_blocks=256, max_model_len=2048, max_num_seqs=64)
 
 
 @contextmanager
-def ray_session(num_cpus: int = 8):
+def ray_session(num_cpus: int = 8, num_gpus: int = 0):
     import ray
 
     tmp = tempfile.mkdtemp(prefix="pdt-", dir="/tmp")
     for attempt in (1, 2):
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=tmp, logging_level=logging.WARNING,
-                     log_to_driver=False)
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _temp_dir=tmp,
+                     logging_level=logging.WARNING, log_to_driver=False)
             break
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
             # On a loaded 2-core host a fresh raylet can miss Ray's startup deadline (seen once in a

@@ -24,10 +24,10 @@ logger = logging.getLogger(__name__)
 class EPRankActor:
     """One non-zero rank: runs the follower loop in `run` until rank 0 stops it or goes away."""
 
-    def where(self) -> tuple[int, str | None]:
-        """(pid, hex id of the placement group this rank runs in, or None). Ask before `run`: the
-        actor runs one method at a time."""
-        return os.getpid(), ray.get_runtime_context().get_placement_group_id() or None
+    def where(self) -> tuple[int, str | None, list]:
+        """(pid, hex id of the placement group this rank runs in or None, the GPU ids Ray gave it).
+        Ask before `run`: the actor runs one method at a time."""
+        return os.getpid(), ray.get_runtime_context().get_placement_group_id() or None, list(ray.get_gpu_ids())
 
     def run(self, config_json: str) -> int:
         from cluster.cpu_binding import reset_niceness
@@ -45,14 +45,22 @@ class RayRanks:
     def __init__(self, configs: list[dict[str, Any]], placement_group: PlacementGroup | None,
                  num_cpus: float = 1.0) -> None:
         self.actors = []
+        bundles = placement_group.bundle_specs if placement_group is not None else []
         for i, _ in enumerate(configs, start=1):
             options: dict[str, Any] = {"num_cpus": num_cpus}
             if placement_group is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i)
+                # Take what the rank's bundle reserved: GPUs too (Ray then sets the rank's
+                # CUDA_VISIBLE_DEVICES), or a GPU pool's ranks would run without their devices.
+                spec = bundles[i] if i < len(bundles) else {}
+                options["num_cpus"] = spec.get("CPU", num_cpus)
+                if spec.get("GPU"):
+                    options["num_gpus"] = spec["GPU"]
             self.actors.append(EPRankActor.options(**options).remote())
         where = ray.get([a.where.remote() for a in self.actors])
-        self._pids = [pid for pid, _ in where]
-        self.placement_group_ids = [pg for _, pg in where]
+        self._pids = [pid for pid, _, _ in where]
+        self.placement_group_ids = [pg for _, pg, _ in where]
+        self.gpu_ids = [gpus for _, _, gpus in where]
         self.runs = [a.run.remote(json.dumps(cfg)) for a, cfg in zip(self.actors, configs)]
 
     def pids(self) -> list[int]:

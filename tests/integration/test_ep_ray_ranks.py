@@ -47,6 +47,12 @@ class Rank0:
         ranks = self.engine.runner.group._ranks[0]  # RayRanks
         return [ray.get_runtime_context().get_placement_group_id()] + ranks.placement_group_ids
 
+    def gpu_ids(self) -> list[list]:
+        """Of this actor (rank 0) and of each other rank."""
+        import ray
+
+        return [list(ray.get_gpu_ids())] + self.engine.runner.group._ranks[0].gpu_ids
+
     def rebalance(self) -> None:
         self.engine.runner.rebalance()
 
@@ -56,7 +62,8 @@ class Rank0:
 
 @pytest.fixture(scope="module")
 def ray_cpus():
-    with ray_session(num_cpus=4):
+    # Two GPUs that exist only in Ray's books: enough to see that ranks request their bundles' GPUs.
+    with ray_session(num_cpus=4, num_gpus=2):
         yield
 
 
@@ -101,3 +108,23 @@ def test_ray_rank_actors_in_a_placement_group(ray_cpus, tiny_checkpoint):
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not pid_alive(pid)
+
+
+def test_rank_actors_take_their_bundles_gpus(ray_cpus, tiny_checkpoint):
+    """A GPU pool's EP worker reserves a GPU per rank; each rank actor must hold its own (Ray
+    sets its CUDA_VISIBLE_DEVICES from it). The engine itself runs on CPU here."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    moe = str(tiny_checkpoint("ernie45_moe"))
+    pg = placement_group([{"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}], strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=60)
+    try:
+        rank0 = Rank0.options(num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=0)).remote(moe)
+        ids = ray.get(rank0.gpu_ids.remote(), timeout=120)
+        assert [len(g) for g in ids] == [1, 1] and ids[0] != ids[1], ids
+        ray.get(rank0.close.remote())
+        ray.kill(rank0)
+    finally:
+        remove_placement_group(pg)
