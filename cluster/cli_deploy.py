@@ -117,7 +117,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="key of the /admin API (repeatable; default: $PDSERVE_ADMIN_API_KEY; none = off)")
     r.add_argument("--rate-limit-per-minute", type=int, default=None,
                    help="requests per minute per API key, shared by every router (counted in Redis)")
-    r.add_argument("--reasoning-parser", choices=["think"], default=None)
+    r.add_argument("--reasoning-parser", choices=["think", "qwen3", "deepseek_r1", "ernie-45-vl", "ernie45"],
+                   default=None)
     r.add_argument("--planner", action="store_true", help="run the planner here too (a Redis lease elects one)")
     r.add_argument("--slo-ttft-ms", type=float, default=None)
     r.add_argument("--slo-itl-ms", type=float, default=None)
