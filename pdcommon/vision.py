@@ -19,10 +19,15 @@ from pathlib import Path
 from typing import Any
 
 # Architectures whose images are resized by the "smart resize" rule (multiple of patch * merge,
-# pixel count clamped to [min_pixels, max_pixels], aspect ratio kept), with their processors' defaults.
+# pixel count clamped to [min_pixels, max_pixels], aspect ratio kept), with their processors' defaults
+# (Ernie4_5_VLMoeImageProcessorPil, Qwen2VLImageProcessorPil).
 _DEFAULTS: dict[str, dict[str, int]] = {
-    "Ernie4_5_VLMoeForConditionalGeneration": dict(patch_size=14, merge_size=2, min_pixels=56 * 56,
-                                                   max_pixels=28 * 28 * 6177, image_token_id=100295),
+    "Ernie4_5_VLMoeForConditionalGeneration": dict(patch_size=14, merge_size=2, temporal_patch_size=1,
+                                                   min_pixels=56 * 56, max_pixels=28 * 28 * 6177,
+                                                   image_token_id=100295),
+    "Qwen2_5_VLForConditionalGeneration": dict(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                               min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
+                                               image_token_id=151655),
 }
 _DEFAULTS["Ernie4_5_VL_MoeForConditionalGeneration"] = _DEFAULTS["Ernie4_5_VLMoeForConditionalGeneration"]
 MAX_ASPECT_RATIO = 200.0  # the processors refuse beyond it
@@ -30,16 +35,21 @@ MAX_ASPECT_RATIO = 200.0  # the processors refuse beyond it
 
 @dataclass(frozen=True)
 class ImageGeometry:
-    """The resize rule of a smart-resize image processor."""
+    """The resize rule of a smart-resize image processor.
+
+    `temporal_patch_size`: frames per vision patch (Qwen2.5-VL: 2). A still image is one temporal
+    patch, its frame repeated: it widens each patch's pixel row, never the grid or the token count."""
 
     patch_size: int = 14
     merge_size: int = 2
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 6177
+    temporal_patch_size: int = 1
 
     def __post_init__(self) -> None:
-        if self.patch_size < 1 or self.merge_size < 1:
-            raise ValueError(f"patch_size and merge_size must be positive, got {self.patch_size}, {self.merge_size}")
+        if self.patch_size < 1 or self.merge_size < 1 or self.temporal_patch_size < 1:
+            raise ValueError(f"patch_size, merge_size and temporal_patch_size must be positive, got "
+                             f"{self.patch_size}, {self.merge_size}, {self.temporal_patch_size}")
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
 
@@ -65,7 +75,7 @@ class ImageGeometry:
         return h, w
 
     def grid(self, width: int, height: int) -> tuple[int, int, int]:
-        """(temporal, height, width) in vision patches."""
+        """(temporal, height, width) in vision patches; temporal is 1 for an image."""
         h, w = self.resized(width, height)
         return 1, h // self.patch_size, w // self.patch_size
 
@@ -76,9 +86,10 @@ class ImageGeometry:
 
 
 def geometry_options(processor_kwargs: Mapping[str, Any] | None) -> dict[str, int]:
-    """The options of `processor_kwargs` that change an image's size: `min_pixels`/`max_pixels` (as
+    """The options of `processor_kwargs` that shape an image's patches: `min_pixels`/`max_pixels` (as
     vLLM's users pass them), `size` ({"shortest_edge", "longest_edge"}, as transformers names them),
-    `patch_size`, `merge_size`. Bad values are a ValueError."""
+    `patch_size`, `merge_size` and `temporal_patch_size` (which leaves the grid alone). Bad values
+    are a ValueError."""
     out: dict[str, int] = {}
     kwargs = dict(processor_kwargs or {})
     size = kwargs.get("size")
@@ -88,7 +99,7 @@ def geometry_options(processor_kwargs: Mapping[str, Any] | None) -> dict[str, in
             raise ValueError(f"mm_processor_kwargs size must be {{'shortest_edge': ..., 'longest_edge': ...}}, got {size!r}")
         kwargs.setdefault("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
         kwargs.setdefault("max_pixels", size.get("longest_edge", size.get("max_pixels")))
-    for key in ("min_pixels", "max_pixels", "patch_size", "merge_size"):
+    for key in ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size"):
         value = kwargs.get(key)
         if value is None:
             continue

@@ -201,6 +201,37 @@ def fuse_experts(src: Path, dst: Path) -> Path:
     return dst
 
 
+# ----- multimodal requests -----
+def random_image(h: int, w: int, seed: int):
+    """An h x w RGB PIL image of uniform noise."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+def run_mm_requests(engine, requests, params, prefix: str = "r") -> list[list[int]]:
+    """Add each (prompt token ids, images) request, step until all finish; output ids per request."""
+    for i, (prompt, images) in enumerate(requests):
+        engine.add_request(f"{prefix}{i}", prompt, params, multi_modal_data={"image": images} if images else None)
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+    return [done[f"{prefix}{i}"] for i in range(len(requests))]
+
+
+def drain_request(engine, rid: str):
+    """Step until nothing is left; the finished output of request `rid`."""
+    last = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid and out.finished:
+                last = out
+    return last
+
+
 # ----- a tiny ERNIE-4.5-VL (vision tower, resampler, modality-isolated MoE, 3D rotary) -----
 VL_TOKENS = dict(image_token_id=290, image_start_token_id=291, image_end_token_id=292, video_token_id=293,
                  video_start_token_id=294, video_end_token_id=295)
@@ -260,3 +291,39 @@ def with_vl_tokenizer(src: Path, dst: Path) -> Path:
         "{% if add_generation_prompt %}assistant{% endif %}")
     fast.save_pretrained(dst)
     return dst
+
+
+# ----- a tiny Qwen2.5-VL (windowed ViT, patch merger, Qwen2 dense decoder, chunked 3D rotary) -----
+QWEN_VL_TOKENS = dict(image_token_id=290, vision_start_token_id=291, vision_end_token_id=292, video_token_id=293)
+
+
+def build_tiny_qwen_vl_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Qwen2_5_VLForConditionalGeneration saved with transformers' save_pretrained.
+
+    The vision window is 56 pixels (2 x 2 merge groups), so a 112 x 168 image has 6 windows and an
+    84-pixel side a partial one; blocks 1 and 3 attend over the whole image. A wide vision init
+    makes the image tokens large enough to change the greedy output."""
+    import transformers as tf
+
+    text = dict(TINY_COMMON, vocab_size=300, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, out_hidden_size=TINY_COMMON["hidden_size"],
+                  fullatt_block_indexes=[1, 3], hidden_act="silu", initializer_range=0.2)
+    cfg = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **QWEN_VL_TOKENS)
+    torch.manual_seed(seed)
+    model = tf.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        # The norms start at ones; random weights check each is loaded and applied.
+        for name, p in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "ln_q.weight", "layernorm.weight")):
+                p.normal_(1.0, 0.2)
+            elif name.endswith(".bias"):  # zeros at init: random ones check the q/k/v and vision biases
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_vl_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_qwen_vl_checkpoint(tmp_path_factory.mktemp("qwen2_5_vl"))

@@ -1,6 +1,6 @@
 """Rotary position embeddings: NeoX (half-split, Llama) and GPT-J (interleaved, ERNIE-4.5) styles,
-and the multimodal 3D variant (ERNIE-4.5-VL) whose frequency pairs each follow one of the
-temporal, height and width axes of a token's position."""
+and the multimodal 3D variant (ERNIE-4.5-VL, Qwen2.5-VL) whose frequency pairs each follow one of
+the temporal, height and width axes of a token's position."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,6 +12,8 @@ def rope_theta(hf: dict[str, Any]) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = params.get("rope_theta") or hf.get("rope_theta")
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "mrope":  # Qwen2-VL's older configs: the default frequencies, split in sections
+        rope_type = "default"
     if rope_type not in ("default", None):
         raise ValueError(f"rope_type {rope_type!r} is not supported yet (only 'default')")
     return float(theta if theta is not None else 10000.0)
@@ -80,30 +82,58 @@ class StepRope:
         return rotate(x, cos, sin, self.interleaved)
 
 
-class MRotaryEmbedding(RotaryEmbedding):
-    """ERNIE-4.5-VL's 3D rotary: of the head_dim/2 frequency pairs, the first h + w (the
-    `mrope_section`'s first two entries, equal) alternate between the height axis (even pairs)
-    and the width axis (odd pairs), and the last t follow the temporal axis. A text token has the
-    same position on every axis, so the model's plain table serves it."""
+def mrope_section(hf: dict[str, Any], default: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The 3D rotary's `mrope_section` (rope_parameters, or the older rope_scaling), else `default`."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    section = params.get("mrope_section", default)
+    if len(section) != 3:
+        raise ValueError(f"mrope_section must have 3 entries, got {list(section)}")
+    return tuple(int(s) for s in section)  # type: ignore[return-value]
 
-    def __init__(self, head_dim: int, max_position: int, theta: float, section: tuple[int, int, int]) -> None:
-        h, w, t = section
-        if h != w or h + w + t != head_dim // 2:
-            raise ValueError(f"mrope_section {list(section)} does not fit head_dim {head_dim} "
-                             f"(needs h == w and h + w + t == head_dim / 2)")
-        super().__init__(head_dim, max_position, theta, interleaved=True)
-        self.section = section
+
+# How a 3D rotary assigns its head_dim/2 frequency pairs to the (temporal, height, width) axes.
+# "alternating_hw" (ERNIE-4.5-VL, GPT-J-style pairs): section (h, w, t); the first h + w pairs
+# alternate height (even) and width (odd), the last t follow time.
+# "chunked_thw" (Qwen2-VL, Qwen2.5-VL, NeoX-style halves): section (t, h, w); contiguous runs of
+# t, then h, then w pairs.
+MROPE_LAYOUTS = ("alternating_hw", "chunked_thw")
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """3D rotary: each frequency pair follows one axis of a token's (temporal, height, width)
+    position, by `layout` (MROPE_LAYOUTS). A text token has the same position on every axis, so
+    the model's plain table serves it."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, section: tuple[int, int, int],
+                 layout: str = "alternating_hw") -> None:
+        pairs = head_dim // 2
+        if layout == "alternating_hw":
+            h, w, t = section
+            if h != w or h + w + t != pairs:
+                raise ValueError(f"mrope_section {list(section)} does not fit head_dim {head_dim} "
+                                 f"(needs h == w and h + w + t == head_dim / 2)")
+            axes = [1 + (j % 2) if j < h + w else 0 for j in range(pairs)]
+        elif layout == "chunked_thw":
+            if sum(section) != pairs or min(section) < 0:
+                raise ValueError(f"mrope_section {list(section)} does not fit head_dim {head_dim} "
+                                 f"(needs t + h + w == head_dim / 2)")
+            axes = [axis for axis, n in enumerate(section) for _ in range(n)]
+        else:
+            raise ValueError(f"mrope layout {layout!r} is not one of {MROPE_LAYOUTS}")
+        super().__init__(head_dim, max_position, theta, interleaved=layout == "alternating_hw")
+        self.section, self.layout = section, layout
+        self.pair_axes = axes  # a list, not a buffer: the model is built on the meta device
 
     def step_rope(self, positions3: torch.Tensor) -> StepRope:
         """Tables for tokens at positions [3, T] (temporal, height, width)."""
-        h, w, t = self.section
-        pairs = self.head_dim // 2
         with torch.device("cpu"):
             inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
-            axis = torch.tensor([1 + (j % 2) if j < h + w else 0 for j in range(pairs)])
+            axis = torch.tensor(self.pair_axes)
         pos = positions3.to("cpu").float()  # [3, T]
         angles = pos[axis].transpose(0, 1) * inv_freq  # [T, pairs]: each pair's own axis
         cos, sin = angles.cos(), angles.sin()
         dev = self.cos.device
-        return StepRope(torch.stack((cos, cos), dim=-1).flatten(-2).to(dev),
-                        torch.stack((-sin, sin), dim=-1).flatten(-2).to(dev), True)
+        if self.interleaved:
+            return StepRope(torch.stack((cos, cos), dim=-1).flatten(-2).to(dev),
+                            torch.stack((-sin, sin), dim=-1).flatten(-2).to(dev), True)
+        return StepRope(torch.cat((cos, cos), dim=-1).to(dev), torch.cat((-sin, sin), dim=-1).to(dev), False)

@@ -61,7 +61,8 @@ class DecoderSpec:
     tie_word_embeddings: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3)
     moe: MoESpec | None = None
-    mrope_section: tuple[int, int, int] | None = None  # 3D multimodal rotary (ERNIE-4.5-VL)
+    mrope_section: tuple[int, int, int] | None = None  # 3D multimodal rotary (ERNIE-4.5-VL, Qwen2.5-VL)
+    mrope_layout: str = "alternating_hw"  # which pairs follow which axis (rotary.MROPE_LAYOUTS)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> "DecoderSpec":
@@ -126,7 +127,8 @@ class DecoderForCausalLM(torch.nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.mrope_section is not None:
-            self.rope = MRotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.mrope_section)
+            self.rope = MRotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.mrope_section,
+                                         spec.mrope_layout)
         else:
             self.rope = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.interleaved_rope)
 

@@ -18,6 +18,7 @@ import torch
 from engine.models.decoder import DecoderForCausalLM, DecoderSpec, MoESpec
 from engine.models.ernie45_vl_vision import Resampler, VisionTransformer
 from engine.multimodal.items import MRopePositions, MultiModalItem
+from engine.multimodal.positions import image_mrope_positions
 
 _VISION_NAMES = {"attn.qkv": "qkv", "attn.proj": "proj", "mlp.fc1": "fc1", "mlp.fc2": "fc2", "patch_embed.proj": "patch_embed"}
 _RESAMPLER_NAMES = {".0.": ".fc1.", ".2.": ".fc2.", ".3.": ".ln."}
@@ -79,24 +80,7 @@ class Ernie45VLForConditionalGeneration(DecoderForCausalLM):
 
     def mrope_positions(self, num_prompt_tokens: int, items: Sequence[MultiModalItem]) -> MRopePositions:
         """The prompt's 3D rotary positions (transformers' get_rope_index for images)."""
-        pos = torch.empty(3, num_prompt_tokens, dtype=torch.long)
-        cur = last = 0
-        m = self.spatial_merge
-        for item in sorted(items, key=lambda i: i.offset):
-            n = item.offset - last
-            pos[:, last : item.offset] = torch.arange(n) + cur
-            cur += n
-            t, h, w = item.grid_thw
-            gh, gw = h // m, w // m
-            if t != 1 or item.length != gh * gw:
-                raise ValueError(f"image item of {item.length} tokens does not match its grid {item.grid_thw}")
-            pos[0, item.offset : item.end] = cur
-            pos[1, item.offset : item.end] = torch.arange(gh).repeat_interleave(gw) + cur
-            pos[2, item.offset : item.end] = torch.arange(gw).repeat(gh) + cur
-            cur += max(gh, gw)
-            last = item.end
-        pos[:, last:] = torch.arange(num_prompt_tokens - last) + cur
-        return MRopePositions(pos, int(pos.max()) + 1 - num_prompt_tokens)
+        return image_mrope_positions(num_prompt_tokens, items, self.spatial_merge)
 
     # ----- weights -----
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers.norm import RMSNorm
+from engine.models.vision_common import attend_segments, axial_rope_tables, rotate_half_style
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -29,17 +30,6 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"vision hidden_act {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}") from None
 
 
-def vision_patch_positions(grid_thw: tuple[int, int, int], merge: int) -> torch.Tensor:
-    """[t*h*w, 2] (row, column) of each patch, in the processor's merge-group-major order."""
-    t, h, w = grid_thw
-    rows = torch.arange(h)[:, None].expand(h, w)
-    cols = torch.arange(w)[None, :].expand(h, w)
-    shape = (h // merge, merge, w // merge, merge)
-    rows = rows.reshape(shape).transpose(1, 2).flatten()
-    cols = cols.reshape(shape).transpose(1, 2).flatten()
-    return torch.stack((rows, cols), dim=1).repeat(t, 1)
-
-
 class VisionBlock(torch.nn.Module):
     def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float, act: str) -> None:
         super().__init__()
@@ -53,25 +43,11 @@ class VisionBlock(torch.nn.Module):
         self.act = _activation(act)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        n, dim = x.shape
+        n = x.shape[0]
         q, k, v = self.qkv(self.norm1(x)).reshape(n, 3, self.heads, -1).unbind(1)  # [n, heads, hd]
-        q, k = _rotate_half_style(q, cos, sin), _rotate_half_style(k, cos, sin)
-        outs = []
-        start = 0
-        for length in lengths:  # each image attends only to itself
-            sl = slice(start, start + length)
-            o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1))
-            outs.append(o.transpose(0, 1).reshape(length, dim))
-            start += length
-        x = x + self.proj(torch.cat(outs))
+        q, k = rotate_half_style(q, cos, sin), rotate_half_style(k, cos, sin)
+        x = x + self.proj(attend_segments(q, k, v, lengths))  # each image attends only to itself
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
-
-
-def _rotate_half_style(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
 class VisionTransformer(torch.nn.Module):
@@ -97,18 +73,9 @@ class VisionTransformer(torch.nn.Module):
         )
         self.ln = torch.nn.LayerNorm(dim, eps)
 
-    def _rotary(self, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        spatial = self.head_dim // 2
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))
-        pos = torch.cat([vision_patch_positions(g, self.merge) for g in grids])  # [N, 2]
-        freqs = pos[..., None].float() * inv_freq  # [N, 2, hd/4]
-        hw = torch.cat((freqs[:, 0], freqs[:, 1]), dim=-1)
-        full = torch.cat((hw, hw), dim=-1)  # [N, hd]
-        return full.cos(), full.sin()
-
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))
-        cos, sin = (t.to(x.device) for t in self._rotary(grids))
+        cos, sin = (t.to(x.device) for t in axial_rope_tables(grids, self.head_dim, self.theta, self.merge))
         lengths = [h * w for t, h, w in grids for _ in range(t)]
         for block in self.blocks:
             x = block(x, cos, sin, lengths)

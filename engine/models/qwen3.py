@@ -11,7 +11,7 @@ from typing import Any
 from engine.models.decoder import DecoderForCausalLM, DecoderSpec, MoESpec
 
 
-def _check_supported(hf: dict[str, Any], every_layer_slides: bool) -> None:
+def check_supported(hf: dict[str, Any], every_layer_slides: bool) -> None:
     """Reject what this engine does not implement rather than compute something else."""
     act = hf.get("hidden_act", "silu")
     if act != "silu":
@@ -40,7 +40,7 @@ def _spec(hf: dict[str, Any], moe: MoESpec | None = None) -> DecoderSpec:
 
 class Qwen3ForCausalLM(DecoderForCausalLM):
     def __init__(self, hf: dict[str, Any]) -> None:
-        _check_supported(hf, every_layer_slides=False)
+        check_supported(hf, every_layer_slides=False)
         super().__init__(_spec(hf))
 
 
@@ -64,7 +64,7 @@ def moe_layer_ids(hf: dict[str, Any]) -> frozenset[int]:
 
 class Qwen3MoeForCausalLM(DecoderForCausalLM):
     def __init__(self, hf: dict[str, Any]) -> None:
-        _check_supported(hf, every_layer_slides=True)
+        check_supported(hf, every_layer_slides=True)
         moe = MoESpec(
             num_experts=num_experts(hf),
             top_k=int(hf.get("num_experts_per_tok", 8)),

@@ -7,6 +7,7 @@ from engine.models.decoder import DecoderForCausalLM
 from engine.models.ernie45 import Ernie45ForCausalLM, Ernie45MoeForCausalLM
 from engine.models.ernie45_vl import Ernie45VLForConditionalGeneration
 from engine.models.llama import LlamaForCausalLM
+from engine.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from engine.models.qwen3 import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, Callable[[dict[str, Any]], DecoderForCausalLM]] = {
@@ -16,6 +17,7 @@ MODEL_REGISTRY: dict[str, Callable[[dict[str, Any]], DecoderForCausalLM]] = {
     "Ernie4_5_VLMoeForConditionalGeneration": Ernie45VLForConditionalGeneration,
     # transformers keeps the older spelling as a deprecated alias.
     "Ernie4_5_VL_MoeForConditionalGeneration": Ernie45VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }

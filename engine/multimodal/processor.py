@@ -23,6 +23,7 @@ from pdcommon.vision import geometry_options
 _PROCESSOR_CLASSES = {
     "Ernie4_5_VLMoeForConditionalGeneration": "Ernie4_5_VLMoeImageProcessorPil",
     "Ernie4_5_VL_MoeForConditionalGeneration": "Ernie4_5_VLMoeImageProcessorPil",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2VLImageProcessorPil",
 }
 
 

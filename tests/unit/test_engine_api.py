@@ -128,7 +128,7 @@ def test_unknown_architecture_and_bad_options_are_clear_errors(tiny_checkpoint, 
     cfg = json.loads((bad / "config.json").read_text())
     cfg["architectures"] = ["FooForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"FooForCausalLM.*supported: Ernie4_5ForCausalLM, Ernie4_5_MoeForCausalLM, Ernie4_5_VLMoeForConditionalGeneration, .*LlamaForCausalLM"):
+    with pytest.raises(ValueError, match=r"FooForCausalLM.*supported: Ernie4_5ForCausalLM, Ernie4_5_MoeForCausalLM, Ernie4_5_VLMoeForConditionalGeneration, .*LlamaForCausalLM, Qwen2_5_VLForConditionalGeneration, Qwen3ForCausalLM"):
         LLMEngine.from_args(str(bad), dtype="float32", num_kv_blocks=8)
     with pytest.raises(ValueError, match="dtype 'float16'"):
         LLMEngine.from_args(str(src), dtype="float16", num_kv_blocks=8)

@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
 import torch
 
 from engine import SamplingParams
-from tests.conftest import VL_TOKENS, assert_no_leaks, with_vl_tokenizer
+from tests.conftest import VL_TOKENS, assert_no_leaks, drain_request, random_image, run_mm_requests, with_vl_tokenizer
 
 IMG, START, END = VL_TOKENS["image_token_id"], VL_TOKENS["image_start_token_id"], VL_TOKENS["image_end_token_id"]
 N_NEW = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=N_NEW, ignore_eos=True)
 
 
-def image(h: int, w: int, seed: int):
-    from PIL import Image
-
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+image = random_image
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +55,7 @@ def hf_greedy(reference, prompt: list[int], images: list) -> list[int]:
 
 
 def run(engine, requests: list[tuple[list[int], list]], prefix: str = "r") -> list[list[int]]:
-    for i, (prompt, images) in enumerate(requests):
-        engine.add_request(f"{prefix}{i}", prompt, GREEDY, multi_modal_data={"image": images} if images else None)
-    done: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = list(out.outputs[0].token_ids)
-    return [done[f"{prefix}{i}"] for i in range(len(requests))]
+    return run_mm_requests(engine, requests, GREEDY, prefix)
 
 
 CASES = {
@@ -124,13 +113,7 @@ def test_prefix_cache_is_keyed_by_image_content(tiny_vl_checkpoint, make_engine,
     assert engine.stats().prefix_cache_hits - hits0 == 4 + 2
 
 
-def _drain(engine, rid):
-    last = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id == rid and out.finished:
-                last = out
-    return last
+_drain = drain_request
 
 
 def test_vision_features_and_rotary_positions_match_transformers(tiny_vl_checkpoint, make_engine, reference):

@@ -14,6 +14,9 @@ from engine.multimodal.processor import ImageProcessor
 from pdcommon.vision import ImageGeometry, VisionInfo, geometry_options
 
 ARCH = "Ernie4_5_VLMoeForConditionalGeneration"
+QWEN_ARCH = "Qwen2_5_VLForConditionalGeneration"
+# architecture -> (its tiny checkpoint's fixture, the checkpoint's image token id)
+MODELS = {ARCH: ("tiny_vl_checkpoint", 290), QWEN_ARCH: ("tiny_qwen_vl_checkpoint", 290)}
 SIZES = [(1, 1), (13, 7), (28, 28), (56, 56), (100, 30), (30, 100), (448, 448), (640, 480), (1000, 7),
          (7, 1000), (1999, 1001), (1200, 1600)]
 
@@ -23,12 +26,15 @@ def _sizes(seed: int = 0, n: int = 12) -> list[tuple[int, int]]:
     return SIZES + [(rng.randint(1, 900), rng.randint(1, 900)) for _ in range(n)]
 
 
+@pytest.mark.parametrize("arch", list(MODELS))
 @pytest.mark.parametrize("kwargs", [{}, {"max_pixels": 200 * 200}, {"min_pixels": 300 * 300, "max_pixels": 400 * 400},
                                     {"size": {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}}])
-def test_router_grid_equals_the_processors(tiny_vl_checkpoint, kwargs):
-    proc = ImageProcessor(str(tiny_vl_checkpoint), ARCH, kwargs)
-    info = VisionInfo.from_folder(tiny_vl_checkpoint, kwargs)
-    assert info is not None and info.image_token_id == 290
+def test_router_grid_equals_the_processors(arch, kwargs, request):
+    fixture, token = MODELS[arch]
+    folder = request.getfixturevalue(fixture)
+    proc = ImageProcessor(str(folder), arch, kwargs)
+    info = VisionInfo.from_folder(folder, kwargs)
+    assert info is not None and info.architecture == arch and info.image_token_id == token
     for w, h in _sizes():
         if max(w, h) / min(w, h) > 200:
             continue
@@ -60,3 +66,26 @@ def test_preprocessor_config_and_options(tmp_path):
             geometry_options(bad)
     with pytest.raises(ValueError, match="min_pixels <= max_pixels"):
         ImageGeometry(min_pixels=10, max_pixels=5)
+
+
+def test_qwen_defaults_and_preprocessor_config(tmp_path):
+    import transformers as tf
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [QWEN_ARCH]}))
+    info = VisionInfo.from_folder(tmp_path)
+    # The default token id, and the Qwen2-VL processor's own defaults (max 1280 tokens' worth of pixels).
+    proc = tf.Qwen2VLImageProcessorPil()
+    assert info.image_token_id == 151655
+    assert info.geometry == ImageGeometry(patch_size=proc.patch_size, merge_size=proc.merge_size,
+                                          min_pixels=proc.size["shortest_edge"], max_pixels=proc.size["longest_edge"],
+                                          temporal_patch_size=proc.temporal_patch_size)
+    # The Hub's preprocessor_config.json spelling: min/max_pixels at the top, next to `size`.
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"min_pixels": 3136, "max_pixels": 12845056, "size": {"shortest_edge": 3136, "longest_edge": 12845056},
+         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_processor_type": "Qwen2VLImageProcessor"}))
+    geo = VisionInfo.from_folder(tmp_path).geometry
+    assert (geo.min_pixels, geo.max_pixels, geo.temporal_patch_size) == (3136, 12845056, 2)
+    # Two frames per patch widen the pixel rows, not the grid: the count is that of one frame.
+    assert geo.grid(1000, 700) == ImageGeometry(min_pixels=3136, max_pixels=12845056).grid(1000, 700)
+    with pytest.raises(ValueError, match="temporal_patch_size"):
+        geometry_options({"temporal_patch_size": 0})
