@@ -332,6 +332,21 @@ def test_ray_job_launch_routers_outside_and_reconcile(tmp_path):
                 _chat(url_actor, key)
             assert not _answers(redis_url)  # the Redis the job started stopped with it, last
             _wait("router b to see no worker", lambda: not _ready(url_b), 30)
+
+            # Detached workers that outlive their launch (`--once`), then `--down` ends all of it.
+            out = head.ray("job", "submit", "--address", head.address, "--", str(BIN / "pdserve"), "launch",
+                           "--config", str(path), "--once", timeout_s=600)
+            assert "2 workers ready (kept 0, stopping 0, starting 4)" in out.stdout, out.stdout[-3000:]
+            _wait("router b to see the relaunched workers", lambda: _ready(url_b), 120, every_s=1)
+            assert _chat(url_b, key) == answer
+            relaunched = {a["pid"] for a in _worker_actors(head, namespace)}
+            assert len(relaunched) == 2
+            out = head.ray("job", "submit", "--address", head.address, "--", str(BIN / "pdserve"), "launch",
+                           "--config", str(path), "--down", timeout_s=300)
+            assert "stopped 4 actors" in out.stdout, out.stdout[-3000:]
+            _wait("the relaunched workers' processes to exit", lambda: not _alive(relaunched), 60)
+            assert _worker_actors(head, namespace) == [] and _actors(head, namespace, "RouterActor") == []
+            assert not _answers(redis_url)
             proc_b.terminate()  # SIGTERM: a clean exit
             assert proc_b.wait(30) == 0
         print(f"launch to ready: {ready_s:.1f} s", file=sys.stderr)
