@@ -15,12 +15,23 @@ WINT4_GROUP_SIZE = 32
 
 
 def quantize_model(model: torch.nn.Module, method: str) -> int:
-    """Replace every nn.Linear (except the LM head) in place; returns how many were replaced."""
+    """Replace every nn.Linear (except the LM head) in place; returns how many were replaced.
+    Subtrees whose module sets `skip_quantization` (a vision tower: a small share of the weights,
+    run once per image, and sensitive to precision; vLLM leaves them unquantized too) stay as
+    they are."""
     count = 0
-    for module in list(model.modules()):
+
+    def walk(module: torch.nn.Module) -> None:
+        nonlocal count
+        if getattr(module, "skip_quantization", False):
+            return
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and name not in _SKIP:
                 bias = child.bias.data if child.bias is not None else None
                 setattr(module, name, quantize_linear(child.weight.data, bias, method, group_size=WINT4_GROUP_SIZE))
                 count += 1
+            else:
+                walk(child)
+
+    walk(model)
     return count

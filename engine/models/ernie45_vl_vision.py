@@ -53,6 +53,8 @@ class VisionBlock(torch.nn.Module):
 class VisionTransformer(torch.nn.Module):
     """Patches [N, C*p*p] of one or more images -> features [N, hidden]."""
 
+    skip_quantization = True  # weight-only quantization is for the language model (see quantize_model)
+
     def __init__(self, vc: dict[str, Any]) -> None:
         super().__init__()
         dim = int(vc["hidden_size"])
@@ -95,6 +97,8 @@ class _MergeMLP(torch.nn.Module):
 
 class Resampler(torch.nn.Module):
     """Vision features [N, vision_hidden] -> language-model tokens [N / 4, text_hidden]."""
+
+    skip_quantization = True  # weight-only quantization is for the language model (see quantize_model)
 
     def __init__(self, vc: dict[str, Any], text_hidden: int, text_eps: float) -> None:
         super().__init__()

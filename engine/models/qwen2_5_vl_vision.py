@@ -110,6 +110,8 @@ class VisionTransformer(torch.nn.Module):
     """Patches [N, C*T*p*p] of one or more images -> tokens [N / merge^2, out_hidden_size], in
     the processor's order (image by image, merge groups row-major)."""
 
+    skip_quantization = True  # weight-only quantization is for the language model (see quantize_model)
+
     def __init__(self, vc: dict[str, Any]) -> None:
         super().__init__()
         dim = int(vc.get("hidden_size", 3584))

@@ -76,3 +76,25 @@ def test_bf16_image_prompts_stay_within_the_tolerance(engines, which):
     diffs = [abs(a[t] - b[t]) if t in b else float("inf") for a, b, t in zip(want, got, ref)]
     assert agree >= MIN_AGREEMENT, agree
     assert sum(d for d in diffs if d != float("inf")) / N <= MAX_MEAN_DIFF and diffs.count(float("inf")) <= 1, diffs
+
+
+@pytest.mark.parametrize("method", ["wint8", "wint4"])
+def test_quantized_vision_models_keep_their_vision_tower(tiny_vl_checkpoint, tiny_qwen_vl_checkpoint, method):
+    """Weight-only quantization covers the language model; the vision towers stay bf16 (and run)."""
+    import torch
+
+    from engine.layers.quant import WeightOnlyLinear
+
+    for path in (tiny_vl_checkpoint, tiny_qwen_vl_checkpoint):
+        engine = LLMEngine.from_args(str(path), dtype="bfloat16", quantization=method, num_kv_blocks=64,
+                                     max_model_len=512)
+        try:
+            model = engine.runner.model
+            vision = [m for name, m in model.named_modules() if name.startswith(("vision", "resampler", "visual"))]
+            assert vision and not any(isinstance(m, WeightOnlyLinear) for m in vision)
+            assert any(isinstance(m, torch.nn.Linear) for m in vision)
+            assert any(isinstance(m, WeightOnlyLinear) for m in model.layers.modules())
+            # Both tiny checkpoints use ids 290/291/292 for the image placeholder, start and end.
+            assert len(_greedy(engine, [5, START, IMG, END, 6], [_image(56, 56, 4)])) == N
+        finally:
+            engine.close()
