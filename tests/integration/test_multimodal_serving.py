@@ -275,3 +275,26 @@ def test_prefix_index_is_keyed_by_image_content(clusters, redis_server):
     blocks = len(chain(seen, CAT))
     assert hit.get(prefill_id) == blocks  # every full block of the prompt, images included
     assert miss.get(prefill_id, 0) == 0  # the image starts in the first block: nothing shared
+
+
+def test_qwen2_5_vl_over_http_with_the_openai_client(tiny_qwen_vl_checkpoint, tmp_path):
+    """The second vision architecture through the router (an in-process engine behind it, real
+    HTTP): the image's tokens counted by the router as the Qwen processor makes them, and the
+    offline answer."""
+    from cluster.router.app import create_app
+    from cluster.router.local import LocalBackend
+    from engine import LLM, SamplingParams
+    from tests.integration.test_router_http import serve
+
+    model = with_vl_tokenizer(tiny_qwen_vl_checkpoint, tmp_path / "qwen")  # same ids: 290 image, 291/292 around it
+    messages = CONVERSATIONS["two images of different sizes"]
+    with LLM(str(model), dtype="float32", num_kv_blocks=64, max_model_len=MAX_MODEL_LEN) as llm:
+        (want,) = llm.chat(messages, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    backend = LocalBackend.from_args(str(model), dtype="float32", num_kv_blocks=64, max_model_len=MAX_MODEL_LEN)
+    assert backend.model.vision is not None and backend.model.vision.architecture == "Qwen2_5_VLForConditionalGeneration"
+    with serve(create_app(backend)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        resp = client.chat.completions.create(model=None, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                              extra_body={"ignore_eos": True})
+    assert resp.choices[0].message.content == want.outputs[0].text
+    assert resp.usage.prompt_tokens == len(want.prompt_token_ids)
