@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,22 @@ class ImageGeometry:
         """The image's placeholder tokens in the prompt (one per merge x merge group of patches)."""
         t, gh, gw = self.grid(width, height)
         return t * (gh // self.merge_size) * (gw // self.merge_size)
+
+
+def placeholder_runs(token_ids: Sequence[int], token: int) -> list[tuple[int, int]]:
+    """The [start, end) runs of `token` in `token_ids`, in order: one per image in a prompt."""
+    runs: list[tuple[int, int]] = []
+    i, n = 0, len(token_ids)
+    while i < n:
+        if token_ids[i] != token:
+            i += 1
+            continue
+        j = i
+        while j < n and token_ids[j] == token:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
 
 
 def geometry_options(processor_kwargs: Mapping[str, Any] | None) -> dict[str, int]:

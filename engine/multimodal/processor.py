@@ -18,7 +18,7 @@ import torch
 
 from engine.multimodal.items import MultiModalItem
 from pdcommon.mm_hash import mm_hash
-from pdcommon.vision import geometry_options
+from pdcommon.vision import geometry_options, placeholder_runs
 
 _PROCESSOR_CLASSES = {
     "Ernie4_5_VLMoeForConditionalGeneration": "Ernie4_5_VLMoeImageProcessorPil",
@@ -110,17 +110,7 @@ def expand_placeholders(token_ids: Sequence[int], placeholder_id: int, images: S
     """Replace the i-th run of `placeholder_id` in the prompt by image i's run of tokens; returns
     the new token ids and the items (offsets in the new ids). The run count must equal the image
     count, and each run is one token or already the image's length."""
-    runs: list[tuple[int, int]] = []
-    i = 0
-    while i < len(token_ids):
-        if token_ids[i] == placeholder_id:
-            j = i
-            while j < len(token_ids) and token_ids[j] == placeholder_id:
-                j += 1
-            runs.append((i, j))
-            i = j
-        else:
-            i += 1
+    runs = placeholder_runs(token_ids, placeholder_id)
     if len(runs) != len(images):
         raise ValueError(f"the prompt has {len(runs)} image placeholder(s) (token {placeholder_id}) "
                          f"but {len(images)} image(s) were given")

@@ -18,7 +18,7 @@ from cluster.router.media.errors import ImageShapeError, MediaError
 from cluster.router.media.image import LoadedImage
 from cluster.router.openai import ChatMessage
 from cluster.router.serving import Prompt, RouterState, render_chat
-from pdcommon.vision import VisionInfo
+from pdcommon.vision import VisionInfo, placeholder_runs
 
 
 async def multimodal_chat_prompt(state: RouterState, messages: Sequence[ChatMessage], add_generation_prompt: bool,
@@ -40,7 +40,7 @@ def expand_image_runs(ids: Sequence[int], vision: VisionInfo, images: Sequence[L
                       hashes: Sequence[int]) -> tuple[list[int], tuple[PromptImage, ...]]:
     """Each run of the image placeholder token in `ids` (one per image, in order) made as long as
     its image's tokens."""
-    runs = _runs(ids, vision.image_token_id)
+    runs = placeholder_runs(ids, vision.image_token_id)
     if len(runs) != len(images):
         raise MediaError(f"the chat template rendered {len(runs)} image placeholder(s) for {len(images)} image(s): "
                          "this model's template does not take image parts this way")
@@ -59,17 +59,3 @@ def expand_image_runs(ids: Sequence[int], vision: VisionInfo, images: Sequence[L
     out.extend(ids[last:])
     return out, tuple(placed)
 
-
-def _runs(ids: Sequence[int], token: int) -> list[tuple[int, int]]:
-    runs = []
-    i = 0
-    while i < len(ids):
-        if ids[i] == token:
-            j = i
-            while j < len(ids) and ids[j] == token:
-                j += 1
-            runs.append((i, j))
-            i = j
-        else:
-            i += 1
-    return runs
