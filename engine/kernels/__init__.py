@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("gemv.cpp", "gemv_int4.cpp", "gemm_amx.cpp", "attention.cpp", "attention_prefill_amx.cpp", "elementwise.cpp", "layer.cpp", "bindings.cpp")
 _NAME = "pdserve_cpu_kernels"
+_BUILT_MARKER = "BUILT"  # written after a successful build; its folder is then only loaded
 
 
 def kernel_cache_dir() -> Path:
@@ -52,7 +54,14 @@ def build() -> ModuleType:
         digest.update(f.name.encode() + f.read_bytes())
     build_dir = kernel_cache_dir() / digest.hexdigest()[:16]
     build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
+    built, library = build_dir / _BUILT_MARKER, build_dir / f"{_NAME}.so"
+    if built.is_file() and library.is_file():
+        # A finished build of these sources: load it as it is. Handing it to cpp_extension
+        # again would rewrite build.ninja, and the compile command it writes depends on the
+        # calling process's environment (seen: Ray job processes), so two kinds of process
+        # sharing the cache rebuilt everything (~2 min) each time the other kind had built.
+        return _import_library(library)
+    module = cpp_extension.load(
         name=_NAME,
         sources=[str(_CSRC / f) for f in _SOURCES],
         extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-fopenmp"],
@@ -62,6 +71,17 @@ def build() -> ModuleType:
         build_directory=str(build_dir),
         verbose=False,
     )
+    built.write_text(f"{torch.__version__}\n")
+    return module
+
+
+def _import_library(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 _disabled = False

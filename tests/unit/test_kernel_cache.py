@@ -1,0 +1,29 @@
+"""A finished kernel build is loaded as it is, never handed to the extension tooling again (which
+would rewrite build.ninja with a command that depends on the calling process's environment and
+rebuild for minutes); a folder without the BUILT marker is built."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import engine.kernels as kernels
+
+
+def test_finished_build_is_loaded_without_the_build_tooling(tmp_path, monkeypatch):
+    if kernels.cpu_ops() is None:
+        pytest.skip("the CPU kernels are not usable on this host (the torch path is tested elsewhere)")
+    real = kernels.kernel_cache_dir()
+    monkeypatch.setenv("PDSERVE_KERNEL_CACHE", str(tmp_path))
+    calls = []
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw["build_directory"]) or kernels.cpu_ops())
+    kernels.build()  # no marker in the new cache: goes to the tooling, then marks the folder built
+    (folder,) = [p for p in tmp_path.iterdir()]
+    assert calls == [str(folder)] and (folder / "BUILT").is_file()
+    # Put the real library there: from now on it is imported directly.
+    src = next(p for p in real.iterdir() if (p / "BUILT").is_file() and p.name == folder.name)
+    shutil.copy(src / "pdserve_cpu_kernels.so", folder / "pdserve_cpu_kernels.so")
+    module = kernels.build()
+    assert calls == [str(folder)] and module.isa() == kernels.cpu_ops().isa()
