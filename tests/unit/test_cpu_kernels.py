@@ -166,8 +166,8 @@ def _reference_attention(q, cache, table, lens, heads, scale):
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 24), (18, 2, 32), (6, 1, 8), (16, 2, 128), (5, 5, 96)])
 @pytest.mark.parametrize("nseq", [2, 6])
 def test_paged_decode_attention(dtype, heads, kv_heads, head_dim, nseq):
-    """Six sequences take the whole-sequence tasks where they apply (bf16 on AVX-512 BF16), two
-    the per-(sequence, kv head) tasks: both against a float64 reference."""
+    """Six sequences take the whole-sequence tasks where they apply (bf16 caches), two the
+    per-(sequence, kv head) tasks: both against a float64 reference."""
     lens = [1, 7, 16, 17, 40, 129][-nseq:]
     bs = 16
     cache, table = _paged_setup(dtype, heads, kv_heads, head_dim, bs, lens)
@@ -182,6 +182,30 @@ def test_paged_decode_attention(dtype, heads, kv_heads, head_dim, nseq):
     close(out[rows], _reference_attention(q, cache, table, lens, heads, scale), dtype)
     untouched = [r for r in range(T) if r not in rows.tolist()]
     assert bool((out[untouched] == 7.0).all())
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 2, 24), (16, 2, 128), (7, 7, 32)])
+def test_decode_attention_does_not_depend_on_the_batch(heads, kv_heads, head_dim):
+    """A batch of six bf16 sequences takes the whole-sequence (block-major) tasks, one sequence
+    alone the per-(sequence, kv head) ones: the two paths must give the same bits, or a
+    sequence's tokens would change with what it is batched with."""
+    lens = [1, 7, 16, 17, 40, 129]
+    cache, table = _paged_setup(torch.bfloat16, heads, kv_heads, head_dim, 16, lens)
+    qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * head_dim).bfloat16()
+    scale = head_dim**-0.5
+    batched = torch.empty(len(lens), heads * head_dim, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))  # whole-sequence tasks need >= 2 sequences per thread
+    try:
+        ops.paged_decode_attention(qkv, torch.arange(len(lens)), cache, table, torch.tensor(lens), heads, scale,
+                                   batched)
+    finally:
+        torch.set_num_threads(threads)
+    for i, n in enumerate(lens):
+        alone = torch.empty(1, heads * head_dim, dtype=torch.bfloat16)
+        ops.paged_decode_attention(qkv[i : i + 1], torch.tensor([0]), cache, table[i : i + 1], torch.tensor([n]),
+                                   heads, scale, alone)
+        assert torch.equal(alone[0], batched[i]), f"sequence {i} (length {n})"
 
 
 def test_paged_decode_attention_rejects_bad_tables():

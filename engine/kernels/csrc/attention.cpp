@@ -275,22 +275,117 @@ PDS_AVX512BF16 void attn_seq_bf16_avx512(const bf16* q, float scale, const bf16*
   for (int64_t i = 0; i < KVH * G * D; ++i) out[i] = f2bf(acc[i]);
 }
 
+
+// The AVX2 counterpart of attn_seq_bf16_avx512 (bf16 cache, D % 8 == 0, BS % 8 == 0): one
+// sequence's every kv head walked block by block, so each block's K part, then its V part, is
+// read as one contiguous run. Without it each (sequence, kv head) task reads a strided third of
+// every token row, which memory serves at ~4 GB/s where a run of the same bytes reads at ~16.
+// The arithmetic is attn_group<bf16, G>'s step for step (pre-scaled float32 query, 8-lane
+// partial dot products folded by hsum8x8, values summed token by token in order, the same
+// passes over D), so both paths give the same bits and batch size never changes a result.
+template <int G>
+void attn_seq_avx2(const bf16* q, float scale, const bf16* cache, const int64_t* tab, int64_t L, int64_t BS,
+                   int64_t KVH, int64_t D, float* qf, float* sc, int64_t Lp, float* acc, float* pbuf, bf16* out) {
+  const int64_t tok = KVH * D, nblk = (L + BS - 1) / BS;
+  for (int64_t i = 0; i < KVH * G * D; ++i) qf[i] = bf2f(q[i]) * scale;
+  for (int64_t j = 0; j < nblk; ++j) {
+    const bf16* kb = cache + tab[j] * 2 * BS * tok;
+    const int64_t base = j * BS, n_in = std::min(BS, L - base);
+    if (j + 1 < nblk) {  // the next block's K part, while this one computes
+      const char* nk = reinterpret_cast<const char*>(cache + tab[j + 1] * 2 * BS * tok);
+      for (int64_t b = 0; b < BS * tok * 2; b += 64) _mm_prefetch(nk + b, _MM_HINT_T1);
+    }
+    for (int64_t h = 0; h < KVH; ++h) {
+      const float* qh = qf + h * G * D;
+      for (int64_t t0 = 0; t0 < n_in; t0 += 8) {
+        const int64_t n = std::min<int64_t>(8, n_in - t0);
+        for (int64_t o = 0; o < 8; ++o) {
+          __m256 ag[G];
+          for (int g = 0; g < G; ++g) ag[g] = _mm256_setzero_ps();
+          if (o < n) {
+            const bf16* k = kb + (t0 + o) * tok + h * D;
+            for (int64_t d = 0; d < D; d += 8) {
+              const __m256 kv = load8(k + d);
+              for (int g = 0; g < G; ++g) ag[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + d), kv, ag[g]);
+            }
+          }
+          for (int g = 0; g < G; ++g) _mm256_storeu_ps(pbuf + (g * 8 + o) * 8, ag[g]);
+        }
+        store_scores(pbuf, G, sc + h * G * Lp, Lp, base + t0, 1.0f);
+      }
+    }
+  }
+  softmax_rows(sc, KVH * G, L, Lp);
+  std::fill(acc, acc + KVH * G * D, 0.f);
+  constexpr int DB = G <= 3 ? 4 : (G <= 6 ? 2 : 1);
+  for (int64_t j = 0; j < nblk; ++j) {
+    const bf16* vb = cache + tab[j] * 2 * BS * tok + BS * tok;
+    const int64_t base = j * BS, n_in = std::min(BS, L - base);
+    if (j + 1 < nblk) {
+      const char* nv = reinterpret_cast<const char*>(cache + tab[j + 1] * 2 * BS * tok + BS * tok);
+      for (int64_t b = 0; b < BS * tok * 2; b += 64) _mm_prefetch(nv + b, _MM_HINT_T1);
+    }
+    for (int64_t h = 0; h < KVH; ++h) {
+      const float* sh = sc + h * G * Lp + base;
+      float* ah = acc + h * G * D;
+      int64_t d = 0;
+      for (; d + DB * 8 <= D; d += DB * 8) {
+        __m256 ag[G][DB];
+        for (int g = 0; g < G; ++g)
+          for (int c = 0; c < DB; ++c) ag[g][c] = _mm256_loadu_ps(ah + g * D + d + c * 8);
+        for (int64_t o = 0; o < n_in; ++o) {
+          const bf16* v = vb + o * tok + h * D + d;
+          __m256 vv[DB];
+          for (int c = 0; c < DB; ++c) vv[c] = load8(v + c * 8);
+          for (int g = 0; g < G; ++g) {
+            const __m256 p = _mm256_broadcast_ss(sh + g * Lp + o);
+            for (int c = 0; c < DB; ++c) ag[g][c] = _mm256_fmadd_ps(p, vv[c], ag[g][c]);
+          }
+        }
+        for (int g = 0; g < G; ++g)
+          for (int c = 0; c < DB; ++c) _mm256_storeu_ps(ah + g * D + d + c * 8, ag[g][c]);
+      }
+      for (; d < D; d += 8) {
+        __m256 ag[G];
+        for (int g = 0; g < G; ++g) ag[g] = _mm256_loadu_ps(ah + g * D + d);
+        for (int64_t o = 0; o < n_in; ++o) {
+          const __m256 vv = load8(vb + o * tok + h * D + d);
+          for (int g = 0; g < G; ++g) ag[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(sh + g * Lp + o), vv, ag[g]);
+        }
+        for (int g = 0; g < G; ++g) _mm256_storeu_ps(ah + g * D + d, ag[g]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < KVH * G * D; ++i) out[i] = f2bf(acc[i]);
+}
+
 // The per-sequence path for sequence i, or false where it does not apply (then per kv head).
 bool attn_seq_fast(const bf16* q, int64_t ldq, const int64_t* rows, const bf16* cache, int64_t BS, int64_t KVH,
                    int64_t D, const int64_t* table, int64_t ldt, const int64_t* lens, int64_t H, float scale, bf16* out,
                    int64_t ldo, int64_t i, std::vector<float>& scratch) {
   const int64_t G = H / KVH, L = lens[i], Lp = (L + 7) / 8 * 8;
-  scratch.resize(size_t(H * (Lp + D) + G * 64));
+  scratch.resize(size_t(H * (Lp + 2 * D) + G * 64));
   float* sc = scratch.data();
   float* acc = sc + H * Lp;
-  float* pbuf = acc + H * D;
+  float* qf = acc + H * D;
+  float* pbuf = qf + H * D;
   const bf16* qr = q + rows[i] * ldq;
   const int64_t* tab = table + i * ldt;
   bf16* o = out + rows[i] * ldo;
+  if (has_avx512bf16()) {
+    switch (G) {
+#define PDK_SEQ_CASE(n) \
+      case n: attn_seq_bf16_avx512<n>(qr, scale, cache, tab, L, BS, KVH, D, sc, Lp, acc, pbuf, o); return true;
+      PDK_SEQ_CASE(1) PDK_SEQ_CASE(2) PDK_SEQ_CASE(3) PDK_SEQ_CASE(4) PDK_SEQ_CASE(5) PDK_SEQ_CASE(6) PDK_SEQ_CASE(8)
+#undef PDK_SEQ_CASE
+      default: return false;
+    }
+  }
   switch (G) {
 #define PDK_SEQ_CASE(n) \
-    case n: attn_seq_bf16_avx512<n>(qr, scale, cache, tab, L, BS, KVH, D, sc, Lp, acc, pbuf, o); return true;
-    PDK_SEQ_CASE(1) PDK_SEQ_CASE(2) PDK_SEQ_CASE(3) PDK_SEQ_CASE(4) PDK_SEQ_CASE(5) PDK_SEQ_CASE(6) PDK_SEQ_CASE(8)
+    case n: attn_seq_avx2<n>(qr, scale, cache, tab, L, BS, KVH, D, qf, sc, Lp, acc, pbuf, o); return true;
+    PDK_SEQ_CASE(1) PDK_SEQ_CASE(2) PDK_SEQ_CASE(3) PDK_SEQ_CASE(4) PDK_SEQ_CASE(5) PDK_SEQ_CASE(6) PDK_SEQ_CASE(7)
+    PDK_SEQ_CASE(8)
 #undef PDK_SEQ_CASE
     default: return false;
   }
@@ -378,8 +473,8 @@ void paged_decode_attention(const torch::Tensor& q, const torch::Tensor& rows, c
   const int64_t G = H / KVH;
   // Whole sequences per task where there are enough of them to share out (and the block-major
   // kernel applies); otherwise (a few long sequences) one task per (sequence, kv head).
-  const bool per_seq = q.scalar_type() == at::kBFloat16 && has_avx512bf16() && D % 32 == 0 && BS % 8 == 0 &&
-                       (G <= 6 || G == 8) && B >= 2 * at::get_num_threads();
+  const bool seq_kernel = has_avx512bf16() ? D % 32 == 0 && (G <= 6 || G == 8) : D % 8 == 0 && G <= 8;
+  const bool per_seq = q.scalar_type() == at::kBFloat16 && seq_kernel && BS % 8 == 0 && B >= 2 * at::get_num_threads();
   if (per_seq) {
     at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scratch;

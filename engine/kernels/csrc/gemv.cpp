@@ -172,9 +172,18 @@ torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int6
   if (B == 0 || n == 0) return y;
   PackedArgs a{reinterpret_cast<const bf16*>(x.data_ptr()), x.stride(0), B, reinterpret_cast<const bf16*>(w.data_ptr()),
                K, n, b32.defined() ? b32.data_ptr<float>() : nullptr, reinterpret_cast<bf16*>(y.data_ptr()), n};
-  torch::Tensor xf;
-  if (!has_avx512bf16()) xf = x.to(at::kFloat).contiguous();  // [B, K]: small next to the weights
-  const float* xfp = xf.defined() ? xf.data_ptr<float>() : nullptr;
+  // AVX2 reads x as float32 [B, K] (small next to the weights), converted here into a reused
+  // buffer: a tensor per call cost ~8 us of allocation and dispatch, 4 calls a layer, every step.
+  thread_local std::vector<float> xf;
+  const float* xfp = nullptr;
+  if (!has_avx512bf16()) {
+    xf.resize(size_t(B * K));
+    for (int64_t b = 0; b < B; ++b) {
+      const bf16* xr = a.x + b * a.ldx;
+      for (int64_t k = 0; k < K; ++k) xf[size_t(b * K + k)] = bf2f(xr[k]);
+    }
+    xfp = xf.data();
+  }
   const int64_t tiles = w.size(0);
   const int64_t grain = std::max<int64_t>(2, 32768 / std::max<int64_t>(K * 32, 1) * 2);
   at::parallel_for(0, (tiles + 1) / 2, std::max<int64_t>(1, grain / 2), [&](int64_t p0, int64_t p1) {
