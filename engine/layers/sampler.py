@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kernels import cpu_ops
 from engine.request import Request
 
 
@@ -77,7 +78,9 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
         if r.params.greedy and not r.params.needs_penalties and r.params.logprobs is None and r.num_output_tokens >= r.params.min_tokens
     ]
     if fast:
-        tokens = logits[fast].argmax(dim=-1).tolist()
+        ops = cpu_ops() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+        # torch's argmax over a 49k vocabulary takes ~70 us a row here; the kernel one pass.
+        tokens = ops.argmax_rows(logits, fast) if ops is not None else logits[fast].argmax(dim=-1).tolist()
         for i, t in zip(fast, tokens):
             results[i] = SampleResult(t, None)
     for i, req in enumerate(requests):

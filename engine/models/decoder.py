@@ -170,7 +170,11 @@ class DecoderForCausalLM(torch.nn.Module):
         logits = small_linear(self.lm_head, hidden, head, None)  # a decode batch: the packed GEMV
         if logits is None and upcast_for(hidden, head):
             return F.linear(hidden.float(), float32_copy(self.lm_head, "_weight_fp32", head))
-        logits = (self.lm_head(hidden) if logits is None else logits).float()
+        logits = self.lm_head(hidden) if logits is None else logits
+        ops = cpu_ops() if logits.device.type == "cpu" else None
+        if ops is not None and logits.dtype == hidden.dtype == head.dtype == torch.bfloat16 and hidden.dim() == 2:
+            return ops.refine_logits(logits, hidden, head, REFINE_REL_TOL)  # the same, in one pass a row
+        logits = logits.float()
         if hidden.dtype != torch.float32:
             # Candidates: every logit within two bf16 rounding steps of its row's maximum.
             top = logits.max(dim=-1, keepdim=True).values

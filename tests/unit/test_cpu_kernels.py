@@ -417,3 +417,61 @@ def test_the_lower_tiers_pass_too(isa):
                           "not lower_tiers and not engine_same_tokens and not whole_layer"],
                          cwd=root, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def _refine_reference(logits, hidden, weight, tol):
+    """decoder.compute_logits' torch expression: widen, find the near-ties, re-score them."""
+    out = logits.float()
+    top = out.max(dim=-1, keepdim=True).values
+    rows, cols = torch.nonzero(out >= top - top.abs() * tol).unbind(1)
+    out[rows, cols] = (weight[cols].double() * hidden[rows].double()).sum(-1).float()
+    return out, (rows, cols)
+
+
+def test_refine_logits_rescores_exactly_the_near_ties():
+    """Same candidates as the torch expression, re-scored to the float64 dot product rounded
+    once; every other logit only widened. Ties are made on purpose: duplicated weight rows and
+    rows nudged by one bf16 step, so the bf16 logits tie or nearly tie at the top."""
+    torch.manual_seed(3)
+    V, K, tol = 4099, 96, 2.0**-6
+    weight = torch.randn(V, K).bfloat16()
+    hidden = torch.randn(5, K).bfloat16()
+    top = (hidden.float() @ weight.float().T).argmax(-1)
+    for b, t in enumerate(top.tolist()):  # near-copies of each row's winner
+        for j in range(1, 4):
+            weight[(t + 17 * j) % V] = weight[t] * (1 + j * 2.0**-8)
+    logits = (hidden.float() @ weight.float().T).bfloat16()
+    got = ops.refine_logits(logits, hidden, weight, tol)
+    want, (rows, cols) = _refine_reference(logits, hidden, weight, tol)
+    assert got.dtype == torch.float32 and got.shape == (5, V)
+    assert len(rows) > 5, "the test should make near-ties"
+    assert torch.equal(got, want)
+    assert torch.equal(got.argmax(-1), (hidden.double() @ weight.double().T).argmax(-1))
+
+
+def test_refine_logits_leaves_a_nan_row_widened():
+    weight = torch.randn(64, 32).bfloat16()
+    hidden = torch.randn(2, 32).bfloat16()
+    logits = (hidden.float() @ weight.float().T).bfloat16()
+    logits[1, 5] = float("nan")
+    got = ops.refine_logits(logits, hidden, weight, 2.0**-6)
+    assert torch.equal(got[1].isnan(), logits[1].float().isnan())
+    assert torch.equal(got[1][~got[1].isnan()], logits[1].float()[~got[1].isnan()])
+    with pytest.raises(RuntimeError, match="shapes"):
+        ops.refine_logits(logits, hidden[:, :16], weight, 2.0**-6)
+
+
+def test_argmax_rows_answers_as_torch_does():
+    """First position of the maximum on ties, the first NaN where there is one, chosen rows only."""
+    torch.manual_seed(4)
+    logits = torch.randn(6, 1000)
+    logits[1, 10] = logits[1, 900] = 50.0  # a tie: the first wins
+    logits[2, 0] = 99.0  # position 0
+    logits[3, 400] = float("nan")
+    logits[3, 700] = float("nan")
+    logits[4, :] = float("-inf")
+    rows = [5, 1, 2, 3, 4]
+    assert ops.argmax_rows(logits, rows) == logits[rows].argmax(-1).tolist()
+    assert ops.argmax_rows(logits, []) == []
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.argmax_rows(logits, [6])

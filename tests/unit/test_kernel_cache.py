@@ -27,3 +27,14 @@ def test_finished_build_is_loaded_without_the_build_tooling(tmp_path, monkeypatc
     shutil.copy(src / "pdserve_cpu_kernels.so", folder / "pdserve_cpu_kernels.so")
     module = kernels.build()
     assert calls == [str(folder)] and module.isa() == kernels.cpu_ops().isa()
+
+
+def test_kernels_build_where_they_can():
+    """Where nothing rules the kernels out (x86-64 with AVX2, a C++ compiler, not disabled), they
+    must load: the fallback to torch is for machines that cannot build them, and it would
+    otherwise hide a compile error in CI behind the kernel tests' skips."""
+    from engine.kernels import _unusable_reason, cpu_ops
+
+    if _unusable_reason() is not None or shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip(f"kernels ruled out here: {_unusable_reason() or 'no C++ compiler'}")
+    assert cpu_ops() is not None, "the CPU kernels failed to build (see the pdserve CPU kernels log line)"

@@ -77,6 +77,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layer", &decode_layer, "one dense decoder layer for a decode-only batch", py::arg("weights"),
         py::arg("step"), py::arg("x"), py::arg("h"), py::arg("next_norm"), py::arg("next_eps"), py::arg("next_bf16"),
         nogil());
+  m.def("refine_logits", &refine_logits, "bf16 logits -> float32, near-ties of each row's maximum re-scored exactly",
+        py::arg("logits"), py::arg("hidden"), py::arg("weight"), py::arg("rel_tol"), nogil());
+  m.def("argmax_rows", &argmax_rows, "torch.argmax of the chosen rows of float32 logits", py::arg("logits"),
+        py::arg("rows"), nogil());
   m.def("isa", &isa_name, "the instruction set the GEMV dispatches to");
 }
 

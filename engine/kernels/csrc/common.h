@@ -189,6 +189,10 @@ void paged_prefill_attention(const torch::Tensor& q, const std::vector<int64_t>&
                              const std::vector<int64_t>& ends, const std::vector<int64_t>& context_lens,
                              const std::vector<torch::Tensor>& block_tables, const torch::Tensor& kv_cache,
                              int64_t num_heads, double scale, torch::Tensor& out);
+// The LM head's logits: bf16 -> float32 with near-ties re-scored exactly; greedy argmax of rows.
+torch::Tensor refine_logits(const torch::Tensor& logits, const torch::Tensor& hidden, const torch::Tensor& weight,
+                            double rel_tol);
+std::vector<int64_t> argmax_rows(const torch::Tensor& logits, const std::vector<int64_t>& rows);
 std::string isa_name();
 
 // One projection of decode_layer: packed bf16 (linear_packed, `group` 0) or 4-bit (linear_int4).
