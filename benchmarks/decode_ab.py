@@ -4,8 +4,8 @@ in alternating runs so that the host's drift falls on both alike.
     git worktree add /tmp/base <commit>
     python benchmarks/decode_ab.py --baseline /tmp/base --batches 1 8 32 --runs 3
 
-Each run is a fresh process (its own checkout first on sys.path, the same venv): B requests of
-256 random prompt tokens are prefilled, then the median of 25 decode steps is taken. Prints each
+Each run is a fresh process (its own checkout first on sys.path, the same venv): the median
+decode step of B requests after 256-token prompts, as `engine.step_breakdown` times it. Prints each
 run and the ratio of medians (baseline / this).
 """
 from __future__ import annotations
@@ -19,24 +19,11 @@ import sys
 from pathlib import Path
 
 _CHILD = r"""
-import json, statistics, sys, time, torch
-from engine import LLM, SamplingParams
-eng = LLM(max_num_seqs=64).engine
-res = {}
-for B in map(int, sys.argv[1:]):
-    g = torch.Generator().manual_seed(0)
-    for i in range(B):
-        eng.add_request(f"b{B}r{i}", torch.randint(100, 40000, (256,), generator=g).tolist(),
-                        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
-    while any(r.num_output_tokens == 0 for r in list(eng.scheduler.running) + list(eng.scheduler.waiting)):
-        eng.step()
-    ts = []
-    for _ in range(25):
-        t0 = time.perf_counter(); eng.step(); ts.append(time.perf_counter() - t0)
-    while eng.has_unfinished_requests():
-        eng.step()
-    res[B] = statistics.median(ts) * 1e3
-print(json.dumps(res))
+import json, sys
+from engine import LLM
+from engine.step_breakdown import decode_breakdown
+llm = LLM(max_num_seqs=64)
+print(json.dumps({B: decode_breakdown(llm, B, 256, steps=25).step_ms for B in map(int, sys.argv[1:])}))
 """
 
 

@@ -35,6 +35,6 @@ def test_kernels_build_where_they_can():
     otherwise hide a compile error in CI behind the kernel tests' skips."""
     from engine.kernels import _unusable_reason, cpu_ops
 
-    if _unusable_reason() is not None or shutil.which("c++") is None and shutil.which("g++") is None:
+    if _unusable_reason() is not None or (shutil.which("c++") is None and shutil.which("g++") is None):
         pytest.skip(f"kernels ruled out here: {_unusable_reason() or 'no C++ compiler'}")
     assert cpu_ops() is not None, "the CPU kernels failed to build (see the pdserve CPU kernels log line)"

@@ -61,6 +61,59 @@ inline void store_scores(const float* pbuf, int64_t G, float* sc, int64_t Lp, in
   }
 }
 
+// One token's 8-lane partial dot products with G pre-scaled float32 query heads (k nullptr: a
+// padding slot, all zeros) -> slot o of pbuf [G, 8 tokens, 8 lanes], folded by store_scores.
+template <typename T, int G>
+inline void score_row_f32(const T* k, const float* qf, int64_t D, float* pbuf, int64_t o) {
+  __m256 ag[G];
+  for (int g = 0; g < G; ++g) ag[g] = _mm256_setzero_ps();
+  if (k != nullptr) {
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 kv = load8(k + d);
+      for (int g = 0; g < G; ++g) ag[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * D + d), kv, ag[g]);
+    }
+  }
+  for (int g = 0; g < G; ++g) _mm256_storeu_ps(pbuf + (g * 8 + o) * 8, ag[g]);
+}
+
+// acc[g * D + d] += sum over tokens t < n of p[g * Lp + t] * row(t)[d], for G heads sharing one
+// kv head: passes over DB * 8 dims keep G * DB accumulators in registers, and each pass reads one
+// contiguous piece of every V row (a cache line for DB = 4 in bf16). Tokens are added in order,
+// so a walk that calls this block by block gets the bits of one call over the whole sequence.
+// pf_rows (optional, pf_len rows): V rows to prefetch ahead during the first pass.
+template <typename T, int G, typename Row>
+inline void add_values(float* acc, int64_t D, const float* p, int64_t Lp, int64_t n, Row row,
+                       const T* const* pf_rows, int64_t pf_len) {
+  constexpr int DB = G <= 3 ? 4 : (G <= 6 ? 2 : 1);
+  int64_t d = 0;
+  for (; d + DB * 8 <= D; d += DB * 8) {
+    __m256 ag[G][DB];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < DB; ++c) ag[g][c] = _mm256_loadu_ps(acc + g * D + d + c * 8);
+    for (int64_t t = 0; t < n; ++t) {
+      if (d == 0 && pf_rows != nullptr) prefetch_row(pf_rows, t + kPrefetchTokens, pf_len, D);
+      const T* v = row(t);
+      __m256 vv[DB];
+      for (int c = 0; c < DB; ++c) vv[c] = load8(v + d + c * 8);
+      for (int g = 0; g < G; ++g) {
+        const __m256 pg = _mm256_broadcast_ss(p + g * Lp + t);
+        for (int c = 0; c < DB; ++c) ag[g][c] = _mm256_fmadd_ps(pg, vv[c], ag[g][c]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < DB; ++c) _mm256_storeu_ps(acc + g * D + d + c * 8, ag[g][c]);
+  }
+  for (; d < D; d += 8) {
+    __m256 ag[G];
+    for (int g = 0; g < G; ++g) ag[g] = _mm256_loadu_ps(acc + g * D + d);
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 vv = load8(row(t) + d);
+      for (int g = 0; g < G; ++g) ag[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * Lp + t), vv, ag[g]);
+    }
+    for (int g = 0; g < G; ++g) _mm256_storeu_ps(acc + g * D + d, ag[g]);
+  }
+}
+
 // Scores and values for one (sequence, kv head) with the group size G fixed at compile time, so
 // that each head's accumulators live in registers. D % 8 == 0. Token t's K row is
 // k_rows[t] (pointers precomputed from the block table: no division in the loops).
@@ -70,50 +123,14 @@ void attn_group(const float* qf, const T* const* k_rows, const T* const* v_rows,
   for (int64_t t0 = 0; t0 < L; t0 += 8) {
     const int64_t n = std::min<int64_t>(8, L - t0);
     for (int64_t o = 0; o < 8; ++o) {
-      __m256 ag[G];
-      for (int g = 0; g < G; ++g) ag[g] = _mm256_setzero_ps();
-      if (o < n) {
-        prefetch_row(k_rows, t0 + o + kPrefetchTokens, L, D);
-        const T* k = k_rows[t0 + o];
-        for (int64_t d = 0; d < D; d += 8) {
-          __m256 kv = load8(k + d);
-          for (int g = 0; g < G; ++g) ag[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * D + d), kv, ag[g]);
-        }
-      }
-      for (int g = 0; g < G; ++g) _mm256_storeu_ps(pbuf + (g * 8 + o) * 8, ag[g]);
+      if (o < n) prefetch_row(k_rows, t0 + o + kPrefetchTokens, L, D);
+      score_row_f32<T, G>(o < n ? k_rows[t0 + o] : nullptr, qf, D, pbuf, o);
     }
     store_scores(pbuf, G, sc, Lp, t0, 1.0f);  // q came pre-scaled
   }
   softmax_rows(sc, G, L, Lp);
-  // Values in passes over DB * 8 dims: G * DB accumulators stay in registers, and each pass
-  // reads one contiguous piece of every V row (a cache line for DB = 4 in bf16).
-  constexpr int DB = G <= 3 ? 4 : (G <= 6 ? 2 : 1);
-  int64_t d = 0;
-  for (; d + DB * 8 <= D; d += DB * 8) {
-    __m256 ag[G][DB];
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < DB; ++c) ag[g][c] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < L; ++t) {
-      if (d == 0) prefetch_row(v_rows, t + kPrefetchTokens, L, D);
-      __m256 vv[DB];
-      for (int c = 0; c < DB; ++c) vv[c] = load8(v_rows[t] + d + c * 8);
-      for (int g = 0; g < G; ++g) {
-        const __m256 p = _mm256_broadcast_ss(sc + g * Lp + t);
-        for (int c = 0; c < DB; ++c) ag[g][c] = _mm256_fmadd_ps(p, vv[c], ag[g][c]);
-      }
-    }
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < DB; ++c) _mm256_storeu_ps(acc + g * D + d + c * 8, ag[g][c]);
-  }
-  for (; d < D; d += 8) {
-    __m256 ag[G];
-    for (int g = 0; g < G; ++g) ag[g] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < L; ++t) {
-      __m256 vv = load8(v_rows[t] + d);
-      for (int g = 0; g < G; ++g) ag[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + g * Lp + t), vv, ag[g]);
-    }
-    for (int g = 0; g < G; ++g) _mm256_storeu_ps(acc + g * D + d, ag[g]);
-  }
+  std::fill(acc, acc + G * D, 0.f);
+  add_values<T, G>(acc, D, sc, Lp, L, [&](int64_t t) { return v_rows[t]; }, v_rows, L);
 }
 
 template <typename T>
@@ -280,9 +297,8 @@ PDS_AVX512BF16 void attn_seq_bf16_avx512(const bf16* q, float scale, const bf16*
 // sequence's every kv head walked block by block, so each block's K part, then its V part, is
 // read as one contiguous run. Without it each (sequence, kv head) task reads a strided third of
 // every token row, which memory serves at ~4 GB/s where a run of the same bytes reads at ~16.
-// The arithmetic is attn_group<bf16, G>'s step for step (pre-scaled float32 query, 8-lane
-// partial dot products folded by hsum8x8, values summed token by token in order, the same
-// passes over D), so both paths give the same bits and batch size never changes a result.
+// Both walks score with score_row_f32 and sum values with add_values (tokens in order), so
+// they give the same bits and batch size never changes a result.
 template <int G>
 void attn_seq_avx2(const bf16* q, float scale, const bf16* cache, const int64_t* tab, int64_t L, int64_t BS,
                    int64_t KVH, int64_t D, float* qf, float* sc, int64_t Lp, float* acc, float* pbuf, bf16* out) {
@@ -296,28 +312,16 @@ void attn_seq_avx2(const bf16* q, float scale, const bf16* cache, const int64_t*
       for (int64_t b = 0; b < BS * tok * 2; b += 64) _mm_prefetch(nk + b, _MM_HINT_T1);
     }
     for (int64_t h = 0; h < KVH; ++h) {
-      const float* qh = qf + h * G * D;
       for (int64_t t0 = 0; t0 < n_in; t0 += 8) {
         const int64_t n = std::min<int64_t>(8, n_in - t0);
-        for (int64_t o = 0; o < 8; ++o) {
-          __m256 ag[G];
-          for (int g = 0; g < G; ++g) ag[g] = _mm256_setzero_ps();
-          if (o < n) {
-            const bf16* k = kb + (t0 + o) * tok + h * D;
-            for (int64_t d = 0; d < D; d += 8) {
-              const __m256 kv = load8(k + d);
-              for (int g = 0; g < G; ++g) ag[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + d), kv, ag[g]);
-            }
-          }
-          for (int g = 0; g < G; ++g) _mm256_storeu_ps(pbuf + (g * 8 + o) * 8, ag[g]);
-        }
+        for (int64_t o = 0; o < 8; ++o)
+          score_row_f32<bf16, G>(o < n ? kb + (t0 + o) * tok + h * D : nullptr, qf + h * G * D, D, pbuf, o);
         store_scores(pbuf, G, sc + h * G * Lp, Lp, base + t0, 1.0f);
       }
     }
   }
   softmax_rows(sc, KVH * G, L, Lp);
   std::fill(acc, acc + KVH * G * D, 0.f);
-  constexpr int DB = G <= 3 ? 4 : (G <= 6 ? 2 : 1);
   for (int64_t j = 0; j < nblk; ++j) {
     const bf16* vb = cache + tab[j] * 2 * BS * tok + BS * tok;
     const int64_t base = j * BS, n_in = std::min(BS, L - base);
@@ -325,36 +329,9 @@ void attn_seq_avx2(const bf16* q, float scale, const bf16* cache, const int64_t*
       const char* nv = reinterpret_cast<const char*>(cache + tab[j + 1] * 2 * BS * tok + BS * tok);
       for (int64_t b = 0; b < BS * tok * 2; b += 64) _mm_prefetch(nv + b, _MM_HINT_T1);
     }
-    for (int64_t h = 0; h < KVH; ++h) {
-      const float* sh = sc + h * G * Lp + base;
-      float* ah = acc + h * G * D;
-      int64_t d = 0;
-      for (; d + DB * 8 <= D; d += DB * 8) {
-        __m256 ag[G][DB];
-        for (int g = 0; g < G; ++g)
-          for (int c = 0; c < DB; ++c) ag[g][c] = _mm256_loadu_ps(ah + g * D + d + c * 8);
-        for (int64_t o = 0; o < n_in; ++o) {
-          const bf16* v = vb + o * tok + h * D + d;
-          __m256 vv[DB];
-          for (int c = 0; c < DB; ++c) vv[c] = load8(v + c * 8);
-          for (int g = 0; g < G; ++g) {
-            const __m256 p = _mm256_broadcast_ss(sh + g * Lp + o);
-            for (int c = 0; c < DB; ++c) ag[g][c] = _mm256_fmadd_ps(p, vv[c], ag[g][c]);
-          }
-        }
-        for (int g = 0; g < G; ++g)
-          for (int c = 0; c < DB; ++c) _mm256_storeu_ps(ah + g * D + d + c * 8, ag[g][c]);
-      }
-      for (; d < D; d += 8) {
-        __m256 ag[G];
-        for (int g = 0; g < G; ++g) ag[g] = _mm256_loadu_ps(ah + g * D + d);
-        for (int64_t o = 0; o < n_in; ++o) {
-          const __m256 vv = load8(vb + o * tok + h * D + d);
-          for (int g = 0; g < G; ++g) ag[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(sh + g * Lp + o), vv, ag[g]);
-        }
-        for (int g = 0; g < G; ++g) _mm256_storeu_ps(ah + g * D + d, ag[g]);
-      }
-    }
+    for (int64_t h = 0; h < KVH; ++h)
+      add_values<bf16, G>(acc + h * G * D, D, sc + h * G * Lp + base, Lp, n_in,
+                          [&](int64_t o) { return vb + o * tok + h * D; }, nullptr, 0);
   }
   for (int64_t i = 0; i < KVH * G * D; ++i) out[i] = f2bf(acc[i]);
 }
