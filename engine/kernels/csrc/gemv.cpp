@@ -71,43 +71,58 @@ PDS_AVX512BF16 void packed_tiles_avx512bf16(const PackedArgs& a, int64_t t0, int
   }
 }
 
-// AVX2 reads x as float32 (`xf`, [B, K], converted once per call): a broadcast from memory is
-// then one load, where a bf16 would need a scalar load, shift and broadcast per row and k.
+// One tile (16 outputs) for NB <= 4 rows of x, into out[NB][16] float32. The accumulators are
+// named variables, not an array: GCC 12 kept a `__m256 acc[2][NB]` array in registers *and*
+// stored it to the stack on every k step, which halved the rate once the batch made this loop
+// compute-bound. AVX2 reads x as float32 (`x`, rows `ldx` apart, converted once per call): a
+// broadcast from memory is then one load, where a bf16 would need a load, shift and broadcast.
+#define PDK_AVX2_ROW(c)                                                  \
+  if (NB > c) {                                                          \
+    const __m256 xe = _mm256_broadcast_ss(x + c * ldx + 2 * p);          \
+    const __m256 xo = _mm256_broadcast_ss(x + c * ldx + 2 * p + 1);      \
+    lo##c = _mm256_fmadd_ps(o0, xo, _mm256_fmadd_ps(e0, xe, lo##c));     \
+    hi##c = _mm256_fmadd_ps(o1, xo, _mm256_fmadd_ps(e1, xe, hi##c));     \
+  }
+#define PDK_AVX2_OUT(c)                                                  \
+  if (NB > c) {                                                          \
+    _mm256_storeu_ps(out + c * 16, lo##c);                               \
+    _mm256_storeu_ps(out + c * 16 + 8, hi##c);                           \
+  }
+
+template <int NB>
+__attribute__((noinline)) void tile_avx2(const bf16* __restrict w, int64_t KP, const float* __restrict x, int64_t ldx,
+                                         float* __restrict out) {
+  static_assert(NB >= 1 && NB <= 4, "tile_avx2: 1..4 rows");
+  const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
+  __m256 lo0 = _mm256_setzero_ps(), lo1 = lo0, lo2 = lo0, lo3 = lo0;
+  __m256 hi0 = lo0, hi1 = lo0, hi2 = lo0, hi3 = lo0;
+  for (int64_t p = 0; p < KP; ++p) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + p * 32 + kPrefetchAhead), _MM_HINT_T0);
+    const __m256i wl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32));
+    const __m256i wh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32 + 16));
+    // Lane i holds (w[i][2p], w[i][2p+1]) as (low, high) halves: each half is a bf16's float.
+    const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(wl, 16));
+    const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(wl, hi_mask));
+    const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(wh, 16));
+    const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(wh, hi_mask));
+    PDK_AVX2_ROW(0) PDK_AVX2_ROW(1) PDK_AVX2_ROW(2) PDK_AVX2_ROW(3)
+  }
+  PDK_AVX2_OUT(0) PDK_AVX2_OUT(1) PDK_AVX2_OUT(2) PDK_AVX2_OUT(3)
+}
+#undef PDK_AVX2_ROW
+#undef PDK_AVX2_OUT
+
 template <int NB>
 void packed_tiles_avx2(const PackedArgs& a, const float* xf, int64_t t0, int64_t t1, int64_t b0) {
   const int64_t KP = a.K / 2;
-  const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
+  float out[4 * 16];
   for (int64_t t = t0; t < t1; ++t) {
-    const bf16* w = a.w + t * KP * 32;
-    __m256 acc[2][NB];
-    for (int r = 0; r < 2; ++r)
-      for (int c = 0; c < NB; ++c) acc[r][c] = _mm256_setzero_ps();
-    const float* xr[NB];
-    for (int c = 0; c < NB; ++c) xr[c] = xf + (b0 + c) * a.K;
-    for (int64_t p = 0; p < KP; ++p) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + p * 32 + kPrefetchAhead), _MM_HINT_T0);
-      __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32));
-      __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32 + 16));
-      // Lane i holds (w[i][2p], w[i][2p+1]) as (low, high) halves: each half is a bf16's float.
-      const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
-      const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(lo, hi_mask));
-      const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
-      const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(hi, hi_mask));
-      for (int c = 0; c < NB; ++c) {
-        const __m256 xe = _mm256_broadcast_ss(xr[c] + 2 * p);
-        const __m256 xo = _mm256_broadcast_ss(xr[c] + 2 * p + 1);
-        acc[0][c] = _mm256_fmadd_ps(o0, xo, _mm256_fmadd_ps(e0, xe, acc[0][c]));
-        acc[1][c] = _mm256_fmadd_ps(o1, xo, _mm256_fmadd_ps(e1, xe, acc[1][c]));
-      }
-    }
+    tile_avx2<NB>(a.w + t * KP * 32, KP, xf + b0 * a.K, a.K, out);
     const int64_t n0 = t * 16;
     const int64_t valid = std::min<int64_t>(16, a.N - n0);
     for (int c = 0; c < NB; ++c) {
-      alignas(32) float tmp[16];
-      _mm256_store_ps(tmp, acc[0][c]);
-      _mm256_store_ps(tmp + 8, acc[1][c]);
       bf16* yr = a.y + (b0 + c) * a.ldy + n0;
-      for (int64_t i = 0; i < valid; ++i) yr[i] = f2bf(tmp[i] + (a.bias ? a.bias[n0 + i] : 0.f));
+      for (int64_t i = 0; i < valid; ++i) yr[i] = f2bf(out[c * 16 + i] + (a.bias ? a.bias[n0 + i] : 0.f));
     }
   }
 }
