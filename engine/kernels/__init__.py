@@ -2,9 +2,10 @@
 
 `cpu_ops()` returns the compiled module, or None where it cannot be used (no compiler, a CPU
 without AVX2/FMA, not x86-64, or `PDSERVE_CPU_KERNELS=0`); callers then take the plain torch
-path, which computes the same thing more slowly. The build (~1 min on 2 cores) is cached under
+path, which computes the same thing more slowly. The build (~5 min on 2 cores) is cached under
 `$PDSERVE_KERNEL_CACHE` (default `~/.cache/pdserve/kernels`) and redone when the source changes;
-`python -m engine.kernels` builds it ahead of time (the Makefile does, at install).
+`python -m engine.kernels` builds it ahead of time (the Makefile does, at install). A new build
+removes all but the three most recently used ones.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("gemv.cpp", "gemv_int4.cpp", "gemm_amx.cpp", "attention.cpp", "attention_prefill_amx.cpp", "elementwise.cpp", "layer.cpp", "logits.cpp", "bindings.cpp")
 _NAME = "pdserve_cpu_kernels"
 _BUILT_MARKER = "BUILT"  # written after a successful build; its folder is then only loaded
+_KEEP_BUILDS = 3  # finished builds kept in the cache (the one in use counts); older ones go
+_STALE_UNFINISHED_S = 24 * 3600.0  # a folder without the marker this old is a build that died
 
 
 def kernel_cache_dir() -> Path:
@@ -60,6 +63,8 @@ def build() -> ModuleType:
         # again would rewrite build.ninja, and the compile command it writes depends on the
         # calling process's environment (seen: Ray job processes), so two kinds of process
         # sharing the cache rebuilt everything (~2 min) each time the other kind had built.
+        with contextlib.suppress(OSError):
+            built.touch()  # recently used: pruning keeps it
         return _import_library(library)
     module = cpp_extension.load(
         name=_NAME,
@@ -72,7 +77,39 @@ def build() -> ModuleType:
         verbose=False,
     )
     built.write_text(f"{torch.__version__}\n")
+    prune_builds(kernel_cache_dir(), keep=_KEEP_BUILDS, current=build_dir)
     return module
+
+
+def prune_builds(cache: Path, keep: int, current: Path | None = None, now: float | None = None) -> list[Path]:
+    """Remove all but the `keep` most recently used finished builds (each source change leaves a
+    ~5 MB folder behind), never `current`, and unfinished folders only once they are a day old
+    (another process may be building there now). Returns what it removed; errors are ignored, as
+    a process still holding an old library keeps its mapping after the unlink."""
+    import shutil
+    import time
+
+    now = time.time() if now is None else now
+    finished: list[tuple[float, Path]] = []
+    removed: list[Path] = []
+    for folder in cache.iterdir() if cache.is_dir() else ():
+        if not folder.is_dir() or folder == current:
+            continue
+        marker = folder / _BUILT_MARKER
+        try:
+            if marker.is_file():
+                finished.append((marker.stat().st_mtime, folder))
+            elif now - folder.stat().st_mtime > _STALE_UNFINISHED_S:
+                removed.append(folder)
+        except OSError:
+            continue
+    finished.sort(reverse=True)
+    removed += [folder for _, folder in finished[max(0, keep - (current is not None)):]]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    if removed:
+        logger.info("removed %d old kernel build(s) from %s", len(removed), cache)
+    return removed
 
 
 def _import_library(path: Path) -> ModuleType:

@@ -1,8 +1,9 @@
 """A finished kernel build is loaded as it is, never handed to the extension tooling again (which
 would rewrite build.ninja with a command that depends on the calling process's environment and
-rebuild for minutes); a folder without the BUILT marker is built."""
+rebuild for minutes); a folder without the BUILT marker is built; old builds are pruned."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -38,3 +39,28 @@ def test_kernels_build_where_they_can():
     if _unusable_reason() is not None or (shutil.which("c++") is None and shutil.which("g++") is None):
         pytest.skip(f"kernels ruled out here: {_unusable_reason() or 'no C++ compiler'}")
     assert cpu_ops() is not None, "the CPU kernels failed to build (see the pdserve CPU kernels log line)"
+
+
+def test_old_builds_are_pruned_and_the_current_and_recent_ones_kept(tmp_path):
+    now = 1_000_000.0
+
+    def folder(name: str, age_s: float, finished: bool = True):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "pdserve_cpu_kernels.so").write_bytes(b"x")
+        if finished:
+            (path / kernels._BUILT_MARKER).write_text("2\n")
+        stamp = path / kernels._BUILT_MARKER if finished else path
+        os.utime(stamp, (now - age_s, now - age_s))
+        return path
+
+    current = folder("current", 5000)  # the one being loaded: kept however old its marker
+    recent = [folder(f"recent{i}", 10 + i) for i in range(2)]
+    old = [folder(f"old{i}", 3600 * (i + 1)) for i in range(3)]
+    building = folder("building", 60, finished=False)  # another process's build in progress
+    dead = folder("dead", 3 * 24 * 3600, finished=False)
+    removed = kernels.prune_builds(tmp_path, keep=3, current=current, now=now)
+    assert sorted(removed) == sorted(old + [dead])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [current, *recent, building])
+    assert kernels.prune_builds(tmp_path, keep=3, current=current, now=now) == []
+    assert kernels.prune_builds(tmp_path / "absent", keep=3) == []
