@@ -129,7 +129,11 @@ class RayHead:
                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
                      "--runtime-env-agent-port"):
             ports[flag] = _free_port()
+        # Ray's worker ports are a range: keep the ports picked above out of it (an overlap, a few
+        # percent of draws with a 200-port range, made `ray start` or a worker fail at random).
         low = _free_port()
+        while any(low <= p <= low + 200 for p in (self.dashboard_port, self.gcs_port, *ports.values())):
+            low = _free_port()
         cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host",
                "127.0.0.1", "--include-dashboard", "true", "--temp-dir", self.tmp, "--num-cpus", "6",
                "--resources", json.dumps({"pd_prefill_pool": 2, "pd_decode_pool": 2}), "--disable-usage-stats",
