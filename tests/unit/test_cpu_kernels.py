@@ -98,6 +98,25 @@ def test_linear_int4(dtype, rows, n, k, group):
         ops.linear_int4(x, nib, sc, zb, n, 12, None)
 
 
+@pytest.mark.parametrize("n", [32, 37])  # whole tiles (vector rounding) and a partial one (scalar)
+def test_linear_packed_rounds_to_nearest_even_and_keeps_nans(n):
+    """K = 2: both products are exact in float32 and their sum is rounded once, so the float32
+    result is known exactly and its bf16 rounding must be torch's, bit for bit; a NaN in x stays
+    a NaN in its row, an infinity an infinity."""
+    from engine.kernels.packing import pack_bf16
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(9, 2, generator=g).bfloat16()
+    w = torch.randn(n, 2, generator=g).bfloat16()
+    x[4, 1] = float("nan")
+    x[6, 0] = float("inf")
+    ref = (x.float()[:, :1] * w.float()[:, 0] + x.float()[:, 1:] * w.float()[:, 1]).bfloat16()
+    out = ops.linear_packed(x, pack_bf16(w), n, None)
+    assert torch.isnan(out[4]).all() and not torch.isinf(out[4]).any()
+    finite = [r for r in range(9) if r != 4]
+    assert torch.equal(out[finite].view(torch.int16), ref[finite].view(torch.int16))
+
+
 def test_linear_packed_strided_rows_and_bad_input():
     from engine.kernels.packing import pack_bf16
 

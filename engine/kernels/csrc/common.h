@@ -51,11 +51,14 @@ inline __m256 load8(const bf16* p) {
 }
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline void store8(bf16* p, __m256 v) {
-  // Round to nearest even in integer arithmetic (no AVX-512 BF16 needed); NaNs do not occur here.
-  __m256i u = _mm256_castps_si256(v);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  // Round to nearest even in integer arithmetic (no AVX-512 BF16 needed), as f2bf does: a NaN
+  // stays a NaN (quieted) instead of rounding up into an infinity.
+  const __m256i raw = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(raw, 16), _mm256_set1_epi32(1));
+  __m256i u = _mm256_add_epi32(raw, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
   u = _mm256_srli_epi32(u, 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  u = _mm256_blendv_epi8(u, _mm256_or_si256(_mm256_srli_epi32(raw, 16), _mm256_set1_epi32(0x40)), nan);
   __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }

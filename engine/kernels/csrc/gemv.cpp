@@ -120,6 +120,16 @@ void packed_tiles_avx2(const PackedArgs& a, const float* xf, int64_t t0, int64_t
     tile_avx2<NB>(a.w + t * KP * 32, KP, xf + b0 * a.K, a.K, out);
     const int64_t n0 = t * 16;
     const int64_t valid = std::min<int64_t>(16, a.N - n0);
+    if (valid == 16) {  // vector bias add and rounding: the scalar loop cost ~1.5 ns a value
+      const __m256 bl = a.bias ? _mm256_loadu_ps(a.bias + n0) : _mm256_setzero_ps();
+      const __m256 bh = a.bias ? _mm256_loadu_ps(a.bias + n0 + 8) : _mm256_setzero_ps();
+      for (int c = 0; c < NB; ++c) {
+        bf16* yr = a.y + (b0 + c) * a.ldy + n0;
+        store8(yr, _mm256_add_ps(_mm256_loadu_ps(out + c * 16), bl));
+        store8(yr + 8, _mm256_add_ps(_mm256_loadu_ps(out + c * 16 + 8), bh));
+      }
+      continue;
+    }
     for (int c = 0; c < NB; ++c) {
       bf16* yr = a.y + (b0 + c) * a.ldy + n0;
       for (int64_t i = 0; i < valid; ++i) yr[i] = f2bf(out[c * 16 + i] + (a.bias ? a.bias[n0 + i] : 0.f));
