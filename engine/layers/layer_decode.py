@@ -47,6 +47,13 @@ def _projection(ops: Any, mod: Any, interleave: bool) -> Any | None:
     return None
 
 
+def _weight_key(mod: torch.nn.Module) -> Any:
+    # `weight_int4` is looked up only where there is no `weight`: a missing attribute costs
+    # nn.Module.__getattr__ an AttributeError, and this runs for 4 modules x every layer x every step.
+    w = getattr(mod, "weight", None)
+    return w if w is not None else getattr(mod, "weight_int4", None)
+
+
 def layer_weights(layer: torch.nn.Module) -> Any | None:
     """ops.DecodeLayerWeights for `layer`, cached on it (rebuilt when a weight or its KV cache is
     replaced); None when the layer cannot take the whole-layer path."""
@@ -54,7 +61,7 @@ def layer_weights(layer: torch.nn.Module) -> Any | None:
     if not isinstance(mlp, GatedMLP) or attn.kv_cache is None:
         return None
     mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    key = tuple(getattr(m, "weight", getattr(m, "weight_int4", None)) for m in mods) + (attn.kv_cache,)
+    key = tuple(_weight_key(m) for m in mods) + (attn.kv_cache,)
     cached = layer.__dict__.get("_decode_weights")
     if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
         return cached[1]
