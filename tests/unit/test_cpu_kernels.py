@@ -415,6 +415,27 @@ def test_whole_layer_decode_same_tokens_as_per_op(arch, quant, tiny_checkpoint, 
         assert all(b is not None for b in built)
 
 
+@pytest.mark.parametrize("quant", [None, "wint4"])
+def test_whole_layer_weights_are_rebuilt_when_a_weight_or_the_cache_is_replaced(quant, tiny_checkpoint, make_engine):
+    """The per-layer cache of packed weights is reused step after step, and built again when a
+    projection's weight (bf16 `weight`, wint4 `weight_int4`) or the layer's KV cache is replaced."""
+    from engine.layers.layer_decode import layer_weights
+
+    eng = make_engine(tiny_checkpoint("llama"), dtype="bfloat16", quantization=quant)
+    layer = eng.runner.model.layers[0]
+    first = layer_weights(layer)
+    assert first is not None and layer_weights(layer) is first
+    down = layer.mlp.down_proj
+    if quant is None:
+        down.weight = torch.nn.Parameter(down.weight.detach().clone(), requires_grad=False)
+    else:
+        down.weight_int4 = down.weight_int4.clone()
+    second = layer_weights(layer)
+    assert second is not None and second is not first and layer_weights(layer) is second
+    layer.self_attn.kv_cache = layer.self_attn.kv_cache.clone()
+    assert layer_weights(layer) is not second
+
+
 def _host_has_avx512_bf16() -> bool:
     with open("/proc/cpuinfo") as f:
         return " avx512_bf16" in f.read()
