@@ -63,10 +63,11 @@ def stop(proc: subprocess.Popen) -> None:
 def server_command(setup: str, port: int, model_dir: str, args) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     pdserve = str(ROOT / ".venv" / "bin" / "pdserve")
+    extra = args.pdserve_args.split()
     if setup == "pdserve-1P1D":
-        return [pdserve, "serve", "--prefill", "1", "--decode", "1", "--port", str(port)], env
+        return [pdserve, "serve", "--prefill", "1", "--decode", "1", "--port", str(port), *extra], env
     if setup == "pdserve-mixed":
-        return [pdserve, "serve", "--mixed", "1", "--worker-threads", "2", "--port", str(port)], env
+        return [pdserve, "serve", "--mixed", "1", "--worker-threads", "2", "--port", str(port), *extra], env
     if setup == "vllm":
         env.update(VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_KVCACHE_SPACE="4")
         return [str(Path(args.vllm_venv) / "bin" / "vllm"), "serve", model_dir, "--dtype", "bfloat16", "--enforce-eager",
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--capacity-attainment", type=float, default=0.9)
     ap.add_argument("--vllm-venv", default=None, help="a venv with vllm-cpu: serves the 'vllm' setup and is the client")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--pdserve-args", default="", help="more `pdserve serve` flags for the pdserve setups, one string")
     args = ap.parse_args()
     if "vllm" in args.setups and not args.vllm_venv:
         print("no --vllm-venv: skipping the vllm setup, pdserve bench is the client", file=sys.stderr)
