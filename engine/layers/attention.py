@@ -124,8 +124,9 @@ def paged_attention(
 
 
 def _prefill_kernel_applies(ops, qkv: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """The AMX prefill kernel's domain: bf16, head_dim a multiple of 32 (<= 256), 16-token blocks."""
-    return (ops.isa() == "amx_bf16" and qkv.dtype == torch.bfloat16 and kv_cache.shape[-1] % 32 == 0
+    """The prefill kernel's domain: AMX or AVX-512 BF16, bf16, head_dim a multiple of 32 (<= 256),
+    16-token blocks."""
+    return (ops.isa() in ("amx_bf16", "avx512_bf16") and qkv.dtype == torch.bfloat16 and kv_cache.shape[-1] % 32 == 0
             and kv_cache.shape[-1] <= 256 and kv_cache.shape[2] % 16 == 0)
 
 
@@ -133,7 +134,7 @@ def paged_attention_fused(ops, qkv: torch.Tensor, num_heads: int, num_kv_heads: 
                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention for qkv [T, (H + 2 KVH) * D] whose q and k are already rotated and whose k/v are
     already in the cache (ops.rope_write_kv): decode rows read the cache in place, and so do prefill
-    chunks on AMX hosts (elsewhere they use SDPA). Returns [T, H*D] in qkv's dtype."""
+    chunks on AMX and AVX-512 BF16 hosts (elsewhere they use SDPA). Returns [T, H*D] in qkv's dtype."""
     T = qkv.shape[0]
     D = kv_cache.shape[-1]
     out = qkv.new_empty(T, num_heads * D)

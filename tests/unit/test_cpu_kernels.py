@@ -237,8 +237,9 @@ def test_paged_decode_attention_rejects_bad_tables():
         ops.paged_decode_attention(qkv, torch.tensor([0]), cache, table, torch.tensor([20]), 4, 0.25, out)
 
 
-amx = pytest.mark.skipif(ops is None or ops.isa() != "amx_bf16",
-                         reason="the prefill attention kernel is AMX-only; other hosts take SDPA (tested everywhere)")
+bf16_units = pytest.mark.skipif(ops is None or ops.isa() not in ("amx_bf16", "avx512_bf16"),
+                                reason="the prefill attention kernel needs AMX or AVX-512 BF16; AVX2 hosts take "
+                                       "SDPA (tested everywhere)")
 
 
 def _reference_prefill(qkv, cache, table, start, n, context, heads, scale):
@@ -254,7 +255,7 @@ def _reference_prefill(qkv, cache, table, start, n, context, heads, scale):
     return torch.einsum("hqk,khd->qhd", p, v).reshape(n, heads * d)
 
 
-@amx
+@bf16_units
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (6, 1, 64), (4, 2, 256)])
 @pytest.mark.parametrize("segments", [[(256, 256)], [(1, 1)], [(17, 17)], [(40, 100)], [(64, 64), (1, 65)],
                                       [(5, 300), (70, 70), (33, 129)]])
@@ -281,7 +282,7 @@ def test_paged_prefill_attention(heads, kv_heads, head_dim, segments):
     assert bool((out[0] == 7.0).all()) and bool((out[-1] == 7.0).all())
 
 
-@amx
+@bf16_units
 def test_paged_prefill_attention_rejects_bad_input():
     cache, table = _paged_setup(torch.bfloat16, 4, 2, 32, 16, [20])
     qkv, out = torch.randn(20, 256).to(torch.bfloat16), torch.empty(20, 128, dtype=torch.bfloat16)
@@ -297,10 +298,11 @@ def test_paged_prefill_attention_rejects_bad_input():
         ops.paged_prefill_attention(qkv.float(), [0], [20], [20], [table[0]], cache, 4, 0.2, out)
 
 
-@amx
+@bf16_units
 def test_fused_attention_prefill_kernel_matches_sdpa_branch():
-    """paged_attention_fused hands prefill chunks to the kernel on AMX hosts: the same outputs as
-    its SDPA branch, for a whole prompt and for a chunk after a cached prefix, in one step."""
+    """paged_attention_fused hands prefill chunks to the kernel on AMX and AVX-512 BF16 hosts: the
+    same outputs as its SDPA branch, for a whole prompt and for a chunk after a cached prefix, in
+    one step."""
     from engine.layers import attention as attn
 
     heads, kv_heads, d, bs = 6, 2, 64, 16

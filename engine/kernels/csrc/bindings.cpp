@@ -31,7 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_write_kv", &rope_write_kv, "rotary (and qk-norm) in place, k/v into the paged cache", nogil());
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV, read in place", nogil());
   m.def("paged_prefill_attention", &paged_prefill_attention,
-        "causal attention of prefill chunks over their paged KV, read in place (AMX)", py::arg("q"), py::arg("starts"),
+        "causal attention of prefill chunks over their paged KV, read in place (AMX or AVX-512 BF16)", py::arg("q"), py::arg("starts"),
         py::arg("ends"), py::arg("context_lens"), py::arg("block_tables"), py::arg("kv_cache"), py::arg("num_heads"),
         py::arg("scale"), py::arg("out"), nogil());
   py::class_<Projection>(m, "Projection")

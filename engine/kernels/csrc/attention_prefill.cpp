@@ -1,9 +1,10 @@
-// Prefill attention on AMX tiles: each prefill chunk's queries against its whole context, read
-// where it lies in the paged cache (keys and values were written there by rope_write_kv), causal,
+// Prefill attention over the paged cache: each prefill chunk's queries against its whole context,
+// read where it lies in the cache (keys and values were written there by rope_write_kv), causal,
 // with an online softmax (flash attention). No gather, no transposed copies of q/k/v, no mask
-// tensor: what SDPA needed all of.
+// tensor: what SDPA needed all of. AMX tiles where the CPU has them, else AVX-512 BF16 dot
+// products over the same layouts.
 //
-// One task is 16 queries of one head. The tiles compute transposed products so that every
+// One task is 16 queries of one head. Both paths compute transposed products so that every
 // softmax statistic is a 16-lane vector over the task's queries:
 //   S^T [16 keys x 16 queries] = K . Q^T     A = 16 key rows straight from the cache (stride one
 //                                            token), B = the queries as VNNI pairs (built once)
@@ -11,7 +12,9 @@
 //                                            shared by the group's heads and all query tiles),
 //                                            B = probabilities as VNNI pairs of keys
 // so the causal mask, the running max and sum, and the rescale of O are plain vertical
-// AVX-512 operations. Keys go 64 at a time (4 score tiles) between rescales.
+// AVX-512 operations. Keys go 64 at a time (4 score tiles) between rescales. Without AMX a
+// score lane is a chain of BF16 dot products of a query pair vector with a broadcast key pair,
+// and an O^T row one of a probability pair vector with a broadcast V^T pair.
 #include "common.h"
 
 #include <array>
@@ -30,7 +33,7 @@ PDS_AMX void configure_attention_tiles() {
 }
 
 // In-register transpose of a 16 x 16 matrix of 32-bit elements (r[i] is row i).
-PDS_AMX inline void transpose16x16(__m512i r[16]) {
+PDS_AVX512BF16 inline void transpose16x16(__m512i r[16]) {
   __m512i t[16], u[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
@@ -54,7 +57,7 @@ PDS_AMX inline void transpose16x16(__m512i r[16]) {
 }
 
 // Two rows of 16 bf16 -> 16 dwords (a[i] low, b[i] high): a VNNI pair row.
-PDS_AMX inline __m512i pair_rows(__m256i a, __m256i b) {
+PDS_AVX512BF16 inline __m512i pair_rows(__m256i a, __m256i b) {
   return _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
@@ -83,7 +86,7 @@ inline const bf16* token_row(const PrefillArgs& a, const Segment& s, int64_t hal
 
 // V^T of keys [k0, k0 + 32) of kv head `kvh`: for each 16-wide d group, 16 key pairs become 16
 // VNNI dword rows, transposed into 16 rows of V^T.
-PDS_AMX void build_vt_chunk(const PrefillArgs& a, const Segment& s, int64_t kvh, int64_t k0) {
+PDS_AVX512BF16 void build_vt_chunk(const PrefillArgs& a, const Segment& s, int64_t kvh, int64_t k0) {
   bf16* vt = a.vt + s.vt_offset + kvh * a.D * s.cpad;
   for (int64_t d0 = 0; d0 < a.D; d0 += 16) {
     __m512i r[16];
@@ -108,22 +111,135 @@ struct alignas(64) TaskScratch {
   float o[256][16];       // O^T accumulators
 };
 
+// Queries [q0, q0 + nq) of head h -> w.qt: row r of d step ds holds dword ds * 16 + r (the d pair
+// 32 ds + 2r, 32 ds + 2r + 1) of each of the 16 queries.
+PDS_AVX512BF16 inline void transpose_queries(const PrefillArgs& a, const Segment& s, int64_t h, int64_t q0, int64_t nq,
+                                             TaskScratch& w) {
+  for (int64_t ds = 0; ds < a.D / 32; ++ds) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = i < nq ? _mm512_loadu_si512(a.q + (s.start + q0 + i) * a.ldq + h * a.D + ds * 32) : _mm512_setzero_si512();
+    transpose16x16(r);
+    for (int i = 0; i < 16; ++i) _mm512_store_si512(w.qt[ds][i], r[i]);
+  }
+}
+
+// Scores of keys [k, k + 4) against the task's 16 queries (w.s[k + j]): key rows from the cache.
+// Rows past `kn` repeat the last key and are not stored.
+PDS_AVX512BF16 inline void score4(const PrefillArgs& a, const Segment& s, int64_t kvh, int64_t kc, int k, int kn,
+                                  TaskScratch& w) {
+  const int32_t* kr[4];
+  for (int j = 0; j < 4; ++j)
+    kr[j] = reinterpret_cast<const int32_t*>(token_row(a, s, 0, kvh, kc + std::min(k + j, kn - 1)));
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  const int32_t* qt = &w.qt[0][0][0];
+  for (int64_t p = 0; p < a.D / 2; ++p) {
+    const __m512bh qv = (__m512bh)_mm512_load_si512(qt + p * 16);
+    s0 = _mm512_dpbf16_ps(s0, qv, (__m512bh)_mm512_set1_epi32(kr[0][p]));
+    s1 = _mm512_dpbf16_ps(s1, qv, (__m512bh)_mm512_set1_epi32(kr[1][p]));
+    s2 = _mm512_dpbf16_ps(s2, qv, (__m512bh)_mm512_set1_epi32(kr[2][p]));
+    s3 = _mm512_dpbf16_ps(s3, qv, (__m512bh)_mm512_set1_epi32(kr[3][p]));
+  }
+  _mm512_store_ps(w.s[k], s0);
+  if (k + 1 < kn) _mm512_store_ps(w.s[k + 1], s1);
+  if (k + 2 < kn) _mm512_store_ps(w.s[k + 2], s2);
+  if (k + 3 < kn) _mm512_store_ps(w.s[k + 3], s3);
+}
+
+// O^T rows [d0, d0 + 16) of one 64-key chunk: o = o * alpha + sum over key pairs r < np of
+// P^T pair r . V^T pair (d, kc + 2r). Sixteen named accumulators: an array of them is what GCC
+// kept in registers and stored to the stack every step elsewhere (see gemv.cpp).
+#define PDK_PV_ROW(i) a##i = _mm512_dpbf16_ps(a##i, pv, (__m512bh)_mm512_set1_epi32(v[(i) * ld]));
+#define PDK_PV_OUT(i) \
+  _mm512_store_ps(w.o[d0 + i], _mm512_fmadd_ps(_mm512_load_ps(w.o[d0 + i]), alpha, a##i));
+PDS_AVX512BF16 __attribute__((noinline)) void pv16(const bf16* vt, int64_t cpad, int64_t d0, int64_t kc, int np,
+                                                   __m512 alpha, TaskScratch& w) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  __m512 a8 = a0, a9 = a0, a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0, a15 = a0;
+  const int64_t ld = cpad / 2;  // dwords per V^T row
+  for (int r = 0; r < np; ++r) {
+    const __m512bh pv = (__m512bh)_mm512_load_si512(w.p[r]);
+    const int32_t* v = reinterpret_cast<const int32_t*>(vt + d0 * cpad + kc) + r;
+    PDK_PV_ROW(0) PDK_PV_ROW(1) PDK_PV_ROW(2) PDK_PV_ROW(3) PDK_PV_ROW(4) PDK_PV_ROW(5) PDK_PV_ROW(6) PDK_PV_ROW(7)
+    PDK_PV_ROW(8) PDK_PV_ROW(9) PDK_PV_ROW(10) PDK_PV_ROW(11) PDK_PV_ROW(12) PDK_PV_ROW(13) PDK_PV_ROW(14) PDK_PV_ROW(15)
+  }
+  PDK_PV_OUT(0) PDK_PV_OUT(1) PDK_PV_OUT(2) PDK_PV_OUT(3) PDK_PV_OUT(4) PDK_PV_OUT(5) PDK_PV_OUT(6) PDK_PV_OUT(7)
+  PDK_PV_OUT(8) PDK_PV_OUT(9) PDK_PV_OUT(10) PDK_PV_OUT(11) PDK_PV_OUT(12) PDK_PV_OUT(13) PDK_PV_OUT(14) PDK_PV_OUT(15)
+}
+#undef PDK_PV_ROW
+#undef PDK_PV_OUT
+
+// Scale, causal mask and online softmax of one chunk's scores w.s[0, kn) (keys kc + k): updates
+// the running max m and sum l, writes the probabilities to w.p as VNNI key pairs (zero past kn)
+// and returns the factor by which the O accumulated so far must be rescaled. Key kc + k is
+// visible to query lane i when kc + k <= base + q0 + i; masked scores are replaced, never added
+// to (rows past the context may hold stale cache data). The first chunk holds key 0, which every
+// query sees, so m is finite after it.
+PDS_AVX512BF16 inline __m512 softmax_chunk(TaskScratch& w, int64_t kc, int kn, int64_t base, int64_t q0, float scale_f,
+                                           __m512& m, __m512& l) {
+  const __m512 scale = _mm512_set1_ps(scale_f);
+  __m512 mnew = m;
+  for (int k = 0; k < kn; ++k) {
+    const int64_t first = kc + k - base - q0;  // first lane that sees this key
+    const __mmask16 vis = first <= 0 ? __mmask16(0xFFFF) : first >= 16 ? __mmask16(0) : __mmask16(0xFFFFu << first);
+    const __m512 x = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), _mm512_mul_ps(_mm512_load_ps(w.s[k]), scale));
+    _mm512_store_ps(w.s[k], x);
+    mnew = _mm512_max_ps(mnew, x);
+  }
+  const __m512 alpha = exp16(_mm512_sub_ps(m, mnew));
+  m = mnew;
+  l = _mm512_mul_ps(l, alpha);
+  for (int r = 0; r < 32; ++r) {
+    const int k = 2 * r;
+    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+    if (k < kn) p0 = exp16(_mm512_sub_ps(_mm512_load_ps(w.s[k]), m));
+    if (k + 1 < kn) p1 = exp16(_mm512_sub_ps(_mm512_load_ps(w.s[k + 1]), m));
+    l = _mm512_add_ps(l, _mm512_add_ps(p0, p1));
+    _mm512_store_si512(w.p[r], pair_rows((__m256i)_mm512_cvtneps_pbh(p0), (__m256i)_mm512_cvtneps_pbh(p1)));
+  }
+  return alpha;
+}
+
+// O^T / l, back to rows of queries, rounded to bf16.
+PDS_AVX512BF16 inline void store_output(const PrefillArgs& a, const Segment& s, int64_t h, int64_t q0, int64_t nq,
+                                        __m512 l, TaskScratch& w) {
+  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), l);
+  for (int64_t dt = 0; dt < a.D / 16; ++dt) {
+    __m512i r[16];
+    for (int d = 0; d < 16; ++d) r[d] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(w.o[dt * 16 + d]), inv));
+    transpose16x16(r);
+    for (int64_t i = 0; i < nq; ++i)
+      _mm256_storeu_si256((__m256i*)(a.out + (s.start + q0 + i) * a.ldo + h * a.D + dt * 16),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i])));
+  }
+}
+
+// The AVX-512 BF16 counterpart of attend_tile: the same layouts, mask, softmax and roundings
+// (scores from bf16 products summed in float32, probabilities rounded to bf16 for P . V).
+PDS_AVX512BF16 void attend_tile_avx512(const PrefillArgs& a, const Segment& s, int64_t h, int64_t q0, TaskScratch& w) {
+  const int64_t D = a.D, kvh = h / (a.H / a.KVH), nq = std::min<int64_t>(16, s.n - q0);
+  const int64_t base = s.context - s.n, nk = base + q0 + nq;
+  transpose_queries(a, s, h, q0, nq, w);
+  for (int64_t d = 0; d < D; ++d) _mm512_store_ps(w.o[d], _mm512_setzero_ps());
+  __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
+  const bf16* vt = a.vt + s.vt_offset + kvh * D * s.cpad;
+  for (int64_t kc = 0; kc < nk; kc += 64) {
+    const int kn = int(std::min<int64_t>(64, nk - kc));
+    for (int k = 0; k < kn; k += 4) score4(a, s, kvh, kc, k, kn, w);
+    const __m512 alpha = softmax_chunk(w, kc, kn, base, q0, a.scale, m, l);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) pv16(vt, s.cpad, d0, kc, (kn + 1) / 2, alpha, w);
+  }
+  store_output(a, s, h, q0, nq, l, w);
+}
+
 PDS_AMX void attend_tile(const PrefillArgs& a, const Segment& s, int64_t h, int64_t q0, TaskScratch& w) {
   const int64_t D = a.D, kvh = h / (a.H / a.KVH), nq = std::min<int64_t>(16, s.n - q0);
   const int64_t base = s.context - s.n;      // position of the chunk's first query
   const int64_t nk = base + q0 + nq;         // keys the last query of this tile sees
   const int64_t dsteps = D / 32;
-  // Queries -> VNNI B tiles: row r of d step ds holds dword ds * 16 + r of every query.
-  for (int64_t ds = 0; ds < dsteps; ++ds) {
-    __m512i r[16];
-    for (int i = 0; i < 16; ++i)
-      r[i] = i < nq ? _mm512_loadu_si512(a.q + (s.start + q0 + i) * a.ldq + h * D + ds * 32) : _mm512_setzero_si512();
-    transpose16x16(r);
-    for (int i = 0; i < 16; ++i) _mm512_store_si512(w.qt[ds][i], r[i]);
-  }
+  transpose_queries(a, s, h, q0, nq, w);
   for (int64_t d = 0; d < D; ++d) _mm512_store_ps(w.o[d], _mm512_setzero_ps());
   __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
-  const __m512 scale = _mm512_set1_ps(a.scale);
   const int64_t kstride = a.KVH * D * int64_t(sizeof(bf16));
   const bf16* vt = a.vt + s.vt_offset + kvh * D * s.cpad;
   for (int64_t kc = 0; kc < nk; kc += 64) {
@@ -153,29 +269,8 @@ PDS_AMX void attend_tile(const PrefillArgs& a, const Segment& s, int64_t h, int6
     _tile_stored(1, w.s[16], 64);
     _tile_stored(2, w.s[32], 64);
     _tile_stored(3, w.s[48], 64);
-    // Scale and mask: key kc + k is visible to query lane i when kc + k <= base + q0 + i. Keys
-    // past the context (stale cache rows) are replaced, never added to.
     const int kn = int(std::min<int64_t>(64, nk - kc));
-    __m512 mnew = m;
-    for (int k = 0; k < kn; ++k) {
-      const int64_t first = kc + k - base - q0;  // first lane that sees this key
-      const __mmask16 vis = first <= 0 ? __mmask16(0xFFFF) : first >= 16 ? __mmask16(0) : __mmask16(0xFFFFu << first);
-      const __m512 x = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), _mm512_mul_ps(_mm512_load_ps(w.s[k]), scale));
-      _mm512_store_ps(w.s[k], x);
-      mnew = _mm512_max_ps(mnew, x);
-    }
-    // The first chunk holds key 0, which every query sees: mnew is finite from here on.
-    const __m512 alpha = exp16(_mm512_sub_ps(m, mnew));
-    m = mnew;
-    l = _mm512_mul_ps(l, alpha);
-    for (int r = 0; r < 32; ++r) {
-      const int k = 2 * r;
-      __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
-      if (k < kn) p0 = exp16(_mm512_sub_ps(_mm512_load_ps(w.s[k]), m));
-      if (k + 1 < kn) p1 = exp16(_mm512_sub_ps(_mm512_load_ps(w.s[k + 1]), m));
-      l = _mm512_add_ps(l, _mm512_add_ps(p0, p1));
-      _mm512_store_si512(w.p[r], pair_rows((__m256i)_mm512_cvtneps_pbh(p0), (__m256i)_mm512_cvtneps_pbh(p1)));
-    }
+    const __m512 alpha = softmax_chunk(w, kc, kn, base, q0, a.scale, m, l);
     _tile_loadd(6, w.p[0], 64);
     const bool second = kn > 32;
     if (second) _tile_loadd(7, w.p[16], 64);
@@ -194,16 +289,7 @@ PDS_AMX void attend_tile(const PrefillArgs& a, const Segment& s, int64_t h, int6
       }
     }
   }
-  // O^T / l, back to rows of queries.
-  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), l);
-  for (int64_t dt = 0; dt < D / 16; ++dt) {
-    __m512i r[16];
-    for (int d = 0; d < 16; ++d) r[d] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(w.o[dt * 16 + d]), inv));
-    transpose16x16(r);
-    for (int64_t i = 0; i < nq; ++i)
-      _mm256_storeu_si256((__m256i*)(a.out + (s.start + q0 + i) * a.ldo + h * D + dt * 16),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i])));
-  }
+  store_output(a, s, h, q0, nq, l, w);
 }
 
 struct Task {
@@ -212,8 +298,8 @@ struct Task {
 };
 
 // Thread lists [t0, t1) of T: list t is tasks t, t + T, t + 2T, ...
-PDS_AMX void run_task_lists(const PrefillArgs& a, const std::vector<Segment>& segs, const std::vector<Task>& tasks,
-                            int64_t t0, int64_t t1, int64_t T) {
+PDS_AMX void run_task_lists_amx(const PrefillArgs& a, const std::vector<Segment>& segs, const std::vector<Task>& tasks,
+                                int64_t t0, int64_t t1, int64_t T) {
   configure_attention_tiles();  // tile state is per thread
   auto w = std::make_unique<TaskScratch>();
   for (int64_t t = t0; t < t1; ++t)
@@ -222,13 +308,21 @@ PDS_AMX void run_task_lists(const PrefillArgs& a, const std::vector<Segment>& se
   _tile_release();
 }
 
+PDS_AVX512BF16 void run_task_lists_avx512(const PrefillArgs& a, const std::vector<Segment>& segs,
+                                          const std::vector<Task>& tasks, int64_t t0, int64_t t1, int64_t T) {
+  auto w = std::make_unique<TaskScratch>();
+  for (int64_t t = t0; t < t1; ++t)
+    for (size_t j = size_t(t); j < tasks.size(); j += size_t(T))
+      attend_tile_avx512(a, segs[tasks[j].seg], tasks[j].head, tasks[j].q0, *w);
+}
+
 }  // namespace
 
 void paged_prefill_attention(const torch::Tensor& q, const std::vector<int64_t>& starts,
                              const std::vector<int64_t>& ends, const std::vector<int64_t>& context_lens,
                              const std::vector<torch::Tensor>& block_tables, const torch::Tensor& kv_cache,
                              int64_t num_heads, double scale, torch::Tensor& out) {
-  TORCH_CHECK(kIsa == Isa::kAmx, "paged_prefill_attention: needs AMX (kernel ISA ", isa_name(), ")");
+  TORCH_CHECK(has_avx512bf16(), "paged_prefill_attention: needs AVX-512 BF16 or AMX (kernel ISA ", isa_name(), ")");
   check_cpu(q, "q");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && kv_cache.scalar_type() == at::kBFloat16 &&
                   out.scalar_type() == at::kBFloat16, "paged_prefill_attention: bf16 only");
@@ -281,7 +375,12 @@ void paged_prefill_attention(const torch::Tensor& q, const std::vector<int64_t>&
         tasks.push_back({int32_t(i), int32_t(h), int32_t(q0), segs[i].context - segs[i].n + q0 + 16});
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(tasks.size())));
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) { run_task_lists(a, segs, tasks, t0, t1, T); });
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    if (kIsa == Isa::kAmx)
+      run_task_lists_amx(a, segs, tasks, t0, t1, T);
+    else
+      run_task_lists_avx512(a, segs, tasks, t0, t1, T);
+  });
 }
 
 }  // namespace pdk
