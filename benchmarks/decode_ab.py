@@ -22,14 +22,15 @@ _CHILD = r"""
 import json, sys
 from engine import LLM
 from engine.step_breakdown import decode_breakdown
-llm = LLM(max_num_seqs=64)
-print(json.dumps({B: decode_breakdown(llm, B, 256, steps=25).step_ms for B in map(int, sys.argv[1:])}))
+quant = sys.argv[1] or None
+llm = LLM(max_num_seqs=64, quantization=quant)
+print(json.dumps({B: decode_breakdown(llm, B, 256, steps=25).step_ms for B in map(int, sys.argv[2:])}))
 """
 
 
-def run(tree: Path, batches: list[int]) -> dict[int, float]:
+def run(tree: Path, batches: list[int], quantization: str) -> dict[int, float]:
     env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'proto'}"}
-    out = subprocess.run([sys.executable, "-c", _CHILD, *map(str, batches)], env=env, cwd=tree, check=True,
+    out = subprocess.run([sys.executable, "-c", _CHILD, quantization, *map(str, batches)], env=env, cwd=tree, check=True,
                          capture_output=True, text=True).stdout
     return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
 
@@ -39,12 +40,13 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, required=True, help="the other checkout (e.g. a git worktree)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quantization", default="", help="wint8 or wint4 (both checkouts); default: bf16")
     args = ap.parse_args()
     here = Path(__file__).resolve().parents[1]
     got: dict[str, list[dict[int, float]]] = {"baseline": [], "this": []}
     for i in range(args.runs):
         for name, tree in (("baseline", args.baseline.resolve()), ("this", here)):
-            r = run(tree, args.batches)
+            r = run(tree, args.batches, args.quantization)
             got[name].append(r)
             print(f"run {i + 1} {name:8s} " + "  ".join(f"B={b}: {r[b]:.2f} ms" for b in args.batches), flush=True)
     print("\n| batch | baseline step ms | this step ms | baseline / this |\n|---|---|---|---|")

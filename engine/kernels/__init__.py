@@ -25,7 +25,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("gemv.cpp", "gemv_int4.cpp", "gemm_amx.cpp", "attention.cpp", "attention_prefill.cpp", "elementwise.cpp", "layer.cpp", "logits.cpp", "bindings.cpp")
+_SOURCES = ("gemv.cpp", "gemv_int4.cpp", "gemv_int8.cpp", "gemm_amx.cpp", "attention.cpp", "attention_prefill.cpp", "elementwise.cpp", "layer.cpp", "logits.cpp", "bindings.cpp")
 _NAME = "pdserve_cpu_kernels"
 _BUILT_MARKER = "BUILT"  # written after a successful build; its folder is then only loaded
 _KEEP_BUILDS = 3  # finished builds kept in the cache (the one in use counts); older ones go

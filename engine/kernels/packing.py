@@ -1,5 +1,6 @@
-"""Weight layouts for the kernels: bf16 [N, K] -> [ceil(N/16), K/2, 16, 2] (linear_packed), and
-group-wise 4-bit weights -> nibble tiles with per-group constants (linear_int4)."""
+"""Weight layouts for the kernels: bf16 [N, K] -> [ceil(N/16), K/2, 16, 2] (linear_packed),
+group-wise 4-bit weights -> nibble tiles with per-group constants (linear_int4), and group-wise
+int8 weights -> the same pair tiles with per-group scales (linear_int8)."""
 from __future__ import annotations
 
 import torch
@@ -50,3 +51,20 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple
         return t.view(tiles, 16, groups).transpose(1, 2).contiguous()
 
     return nib, tile(sc), tile(zb)
+
+
+def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q int8 [N, K] (K even) and scale [N, K/group] (w = q * scale) -> weight tiles [T, K/2, 32]
+    int8 (tile t, pair p: rows 16t..16t+15, each with k = 2p and 2p + 1, as pack_bf16 orders its
+    pairs) and scales [T, K/group, 16] float32; T = ceil(N/16), rows past N zero."""
+    n, k = q.shape
+    if q.dtype != torch.int8 or k % 2 or scale.dim() != 2 or scale.shape[0] != n or k % scale.shape[1]:
+        raise ValueError(f"pack_int8 needs int8 q [N, K % 2 == 0] and scale [N, K/group], "
+                         f"got {q.dtype} {tuple(q.shape)}, {tuple(scale.shape)}")
+    tiles, groups = (n + 15) // 16, scale.shape[1]
+    qp = q.new_zeros(tiles * 16, k)
+    qp[:n] = q
+    sc = torch.zeros(tiles * 16, groups)
+    sc[:n] = scale.float()
+    w = qp.view(tiles, 16, k // 2, 2).permute(0, 2, 1, 3).reshape(tiles, k // 2, 32).contiguous()
+    return w, sc.view(tiles, 16, groups).transpose(1, 2).contiguous()

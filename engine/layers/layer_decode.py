@@ -94,10 +94,10 @@ def layer_weights(layer: torch.nn.Module) -> Any | None:
 
 
 def _max_rows(layers: torch.nn.ModuleList) -> int:
-    from engine.layers.quant import INT4_GEMV_MAX_ROWS, WeightOnlyInt4Linear
+    from engine.layers.quant import WeightOnlyInt4Linear, int4_gemv_max_rows
 
     quantized = isinstance(layers[0].self_attn.qkv_proj, WeightOnlyInt4Linear)
-    return min(gemv_max_rows(), INT4_GEMV_MAX_ROWS) if quantized else gemv_max_rows()
+    return min(gemv_max_rows(), int4_gemv_max_rows()) if quantized else gemv_max_rows()
 
 
 def run_layers(layers: torch.nn.ModuleList, final_norm: torch.nn.Module, rope: Any, x: torch.Tensor,

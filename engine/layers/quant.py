@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,22 @@ from engine.kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
 
-# Rows up to which wint4 runs pdserve's 4-bit GEMV (engine/kernels/csrc/gemv_int4.cpp), which
-# streams the nibbles once per call; more rows take torch's int4 kernel or the fallback (from ~4
-# rows both are compute-bound and measured even on an AMX host; at 1 row this one is ~1.6x).
-INT4_GEMV_MAX_ROWS = 4
+@functools.cache
+def int4_gemv_max_rows() -> int:
+    """Rows up to which wint4 runs pdserve's 4-bit GEMV (engine/kernels/csrc/gemv_int4.cpp), which
+    streams the nibbles once per call; more rows take torch's int4 kernel or the fallback.
+    `PDSERVE_INT4_GEMV_MAX_ROWS` overrides."""
+    env = os.environ.get("PDSERVE_INT4_GEMV_MAX_ROWS")
+    if env:
+        return int(env)
+    ops = cpu_ops()
+    if ops is not None and ops.isa() == "avx512_bf16":
+        # AVX-512 BF16 without AMX (AMD Zen 4), 30 layers of the default model's shapes: 1.35-1.6x
+        # torch's int4 kernel at every row count from 4 to 256 (benchmarks/int4_rows.py).
+        return 512
+    # AMX and AVX2 hosts: from ~4 rows both kernels are compute-bound and were measured even on an
+    # AMX host (at 1 row this one is ~1.6x).
+    return 4
 
 QUANT_METHODS = ("wint8", "wint4")
 
@@ -387,7 +400,7 @@ class WeightOnlyInt4Linear(WeightOnlyLinear):
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         dt = x2d.dtype
-        if x2d.device.type == "cpu" and x2d.shape[0] <= INT4_GEMV_MAX_ROWS and dt in (torch.float32, torch.bfloat16):
+        if x2d.device.type == "cpu" and x2d.shape[0] <= int4_gemv_max_rows() and dt in (torch.float32, torch.bfloat16):
             ops = cpu_ops()
             tiles = None if ops is None else self._gemv_layout()
             if tiles is not None:

@@ -19,6 +19,7 @@ from engine.layers.linear import Linear, float32_copy, small_linear, upcast_for
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import ModalityIsolatedMoE, SparseMoE
 from engine.layers.norm import RMSNorm
+from engine.layers.quant_head import INT8_HEAD_ABS_TOL, int8_head_logits
 from engine.layers.rotary import MRotaryEmbedding, RotaryEmbedding, StepRope, rope_theta
 from engine.multimodal.items import StepMultiModal
 
@@ -167,13 +168,16 @@ class DecoderForCausalLM(torch.nn.Module):
         0.125 near a logit of 25), which turns close calls at the top into ties that argmax
         breaks by token id; the top candidates are therefore re-scored in float32."""
         head = self.lm_head.weight
-        logits = small_linear(self.lm_head, hidden, head, None)  # a decode batch: the packed GEMV
+        logits = int8_head_logits(self.lm_head, hidden)  # quantized models, a few rows
+        abs_tol = 0.0 if logits is None else INT8_HEAD_ABS_TOL
+        if logits is None:
+            logits = small_linear(self.lm_head, hidden, head, None)  # a decode batch: the packed GEMV
         if logits is None and upcast_for(hidden, head):
             return F.linear(hidden.float(), float32_copy(self.lm_head, "_weight_fp32", head))
         logits = self.lm_head(hidden) if logits is None else logits
         ops = cpu_ops() if logits.device.type == "cpu" else None
         if ops is not None and logits.dtype == hidden.dtype == head.dtype == torch.bfloat16 and hidden.dim() == 2:
-            return ops.refine_logits(logits, hidden, head, REFINE_REL_TOL)  # the same, in one pass a row
+            return ops.refine_logits(logits, hidden, head, REFINE_REL_TOL, abs_tol)  # the same, in one pass a row
         logits = logits.float()
         if hidden.dtype != torch.float32:
             # Candidates: every logit within two bf16 rounding steps of its row's maximum.

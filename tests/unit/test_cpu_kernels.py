@@ -98,6 +98,56 @@ def test_linear_int4(dtype, rows, n, k, group):
         ops.linear_int4(x, nib, sc, zb, n, 12, None)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+@pytest.mark.parametrize("n,k,group", [(16, 32, 32), (37, 64, 32), (130, 576, 32), (33, 256, 128), (20, 512, 256)])
+def test_linear_int8(dtype, rows, n, k, group):
+    """The int8 GEMV against x @ (q * scale) in float64. The activations are rounded to int16 per
+    row (2^-16 of the row's largest value), so float32 output agrees to ~1e-4 of the largest
+    output; bf16 within one rounding of it."""
+    from engine.kernels.packing import pack_int8
+
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
+    w = q.double() * scale.double().repeat_interleave(group, 1)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g)
+    tiles, sc = pack_int8(q, scale)
+    out = ops.linear_int8(x, tiles, sc, n, group, bias)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    ref = x.double() @ w.T + bias.double()
+    top = ref.abs().max().item()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-4 * top)
+    else:
+        close(out, ref, dtype)
+    with pytest.raises(RuntimeError, match="shapes"):
+        ops.linear_int8(x, tiles, sc, n + 16, group, None)
+    with pytest.raises(RuntimeError, match="group"):
+        ops.linear_int8(x, tiles, sc, n, 6, None)
+
+
+def test_linear_int8_extreme_rows():
+    """A zero row gives the bias; a row with a NaN or an infinity gives NaN outputs (never the
+    garbage of an int16 conversion of NaN); its neighbours are unaffected."""
+    from engine.kernels.packing import pack_int8
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (40, 64), generator=g, dtype=torch.int8)
+    scale = torch.rand(40, 2, generator=g) * 0.02 + 0.001
+    x = torch.randn(5, 64, generator=g)
+    x[1] = 0
+    x[2, 7] = float("nan")
+    x[3, 0] = float("inf")
+    bias = torch.randn(40, generator=g)
+    out = ops.linear_int8(x, *pack_int8(q, scale), 40, 32, bias)
+    assert torch.equal(out[1], bias)
+    assert torch.isnan(out[2]).all() and torch.isnan(out[3]).all()
+    ref = x[[0, 4]].double() @ (q.double() * scale.double().repeat_interleave(32, 1)).T + bias.double()
+    torch.testing.assert_close(out[[0, 4]].double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("n", [32, 37])  # whole tiles (vector rounding) and a partial one (scalar)
 def test_linear_packed_rounds_to_nearest_even_and_keeps_nans(n):
     """K = 2: both products are exact in float32 and their sum is rounded once, so the float32
@@ -461,11 +511,11 @@ def test_the_lower_tiers_pass_too(isa):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
 
 
-def _refine_reference(logits, hidden, weight, tol):
+def _refine_reference(logits, hidden, weight, tol, abs_tol=0.0):
     """decoder.compute_logits' torch expression: widen, find the near-ties, re-score them."""
     out = logits.float()
     top = out.max(dim=-1, keepdim=True).values
-    rows, cols = torch.nonzero(out >= top - top.abs() * tol).unbind(1)
+    rows, cols = torch.nonzero(out >= top - torch.clamp(top.abs() * tol, min=abs_tol)).unbind(1)
     out[rows, cols] = (weight[cols].double() * hidden[rows].double()).sum(-1).float()
     return out, (rows, cols)
 
@@ -489,6 +539,10 @@ def test_refine_logits_rescores_exactly_the_near_ties():
     assert len(rows) > 5, "the test should make near-ties"
     assert torch.equal(got, want)
     assert torch.equal(got.argmax(-1), (hidden.double() @ weight.double().T).argmax(-1))
+    # An absolute floor (the int8 head's error) widens the candidates where it exceeds the relative one.
+    wide = ops.refine_logits(logits, hidden, weight, tol, abs_tol=2.0)
+    want_wide, (rows_wide, _) = _refine_reference(logits, hidden, weight, tol, abs_tol=2.0)
+    assert len(rows_wide) > len(rows) and torch.equal(wide, want_wide)
 
 
 def test_refine_logits_leaves_a_nan_row_widened():

@@ -23,6 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int4", &linear_int4, "small-batch linear over group-wise 4-bit weights (pack_int4)", py::arg("x"),
         py::arg("w"), py::arg("scales"), py::arg("zeros"), py::arg("n"), py::arg("group"), py::arg("bias") = py::none(),
         nogil());
+  m.def("linear_int8", &linear_int8, "small-batch linear over group-wise symmetric int8 weights (pack_int8)",
+        py::arg("x"), py::arg("w"), py::arg("scales"), py::arg("n"), py::arg("group"), py::arg("bias") = py::none(),
+        nogil());
   m.def("linear_packed_silu", &linear_packed_silu, "silu(x . gate) * (x . up) over an interleaved packed gate_up (AMX)",
         py::arg("x"), py::arg("w"), py::arg("intermediate"), nogil());
   m.def("add_rms_norm", &add_rms_norm, "x += delta (in place); rms_norm(x) * w", py::arg("x"), py::arg("delta"),
@@ -78,7 +81,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("step"), py::arg("x"), py::arg("h"), py::arg("next_norm"), py::arg("next_eps"), py::arg("next_bf16"),
         nogil());
   m.def("refine_logits", &refine_logits, "bf16 logits -> float32, near-ties of each row's maximum re-scored exactly",
-        py::arg("logits"), py::arg("hidden"), py::arg("weight"), py::arg("rel_tol"), nogil());
+        py::arg("logits"), py::arg("hidden"), py::arg("weight"), py::arg("rel_tol"), py::arg("abs_tol") = 0.0, nogil());
   m.def("argmax_rows", &argmax_rows, "torch.argmax of the chosen rows of float32 logits", py::arg("logits"),
         py::arg("rows"), nogil());
   m.def("isa", &isa_name, "the instruction set the GEMV dispatches to");

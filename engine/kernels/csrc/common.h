@@ -173,6 +173,8 @@ inline void check_float(const torch::Tensor& t, const char* name) {
 // The ops the Python module exposes (bindings.cpp).
 torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                             const c10::optional<torch::Tensor>& bias);
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales, int64_t n,
+                          int64_t group, const c10::optional<torch::Tensor>& bias);
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
                           const torch::Tensor& zeros, int64_t n, int64_t group, const c10::optional<torch::Tensor>& bias);
 torch::Tensor linear_packed_silu(const torch::Tensor& x, const torch::Tensor& w, int64_t intermediate);
@@ -194,7 +196,7 @@ void paged_prefill_attention(const torch::Tensor& q, const std::vector<int64_t>&
                              int64_t num_heads, double scale, torch::Tensor& out);
 // The LM head's logits: bf16 -> float32 with near-ties re-scored exactly; greedy argmax of rows.
 torch::Tensor refine_logits(const torch::Tensor& logits, const torch::Tensor& hidden, const torch::Tensor& weight,
-                            double rel_tol);
+                            double rel_tol, double abs_tol);
 std::vector<int64_t> argmax_rows(const torch::Tensor& logits, const std::vector<int64_t>& rows);
 std::string isa_name();
 

@@ -7,11 +7,11 @@
 namespace pdk {
 
 // logits [B, V] bf16 (the head's output), hidden [B, K] bf16, weight [V, K] bf16 -> float32
-// [B, V]: each logit within rel_tol * |max| of its row's maximum is replaced by the float32 dot
+// [B, V]: each logit within max(rel_tol * |max|, abs_tol) of its row's maximum is replaced by the float32 dot
 // product of its weight row with the hidden row (accumulated in double, rounded once); the rest
 // are widened. A row holding NaN is only widened (its comparisons are false, as in torch).
 torch::Tensor refine_logits(const torch::Tensor& logits, const torch::Tensor& hidden, const torch::Tensor& weight,
-                            double rel_tol) {
+                            double rel_tol, double abs_tol) {
   check_cpu(logits, "logits");
   TORCH_CHECK(logits.scalar_type() == at::kBFloat16 && hidden.scalar_type() == at::kBFloat16 &&
                   weight.scalar_type() == at::kBFloat16,
@@ -26,7 +26,7 @@ torch::Tensor refine_logits(const torch::Tensor& logits, const torch::Tensor& hi
   const bf16* hp = reinterpret_cast<const bf16*>(h.data_ptr());
   const bf16* wp = reinterpret_cast<const bf16*>(w.data_ptr());
   float* op = out.data_ptr<float>();
-  const float tol = float(rel_tol);
+  const float tol = float(rel_tol), atol = float(abs_tol);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> hf(static_cast<size_t>(K));
     for (int64_t b = b0; b < b1; ++b) {
@@ -41,7 +41,7 @@ torch::Tensor refine_logits(const torch::Tensor& logits, const torch::Tensor& hi
         top = f > top ? f : top;
       }
       if (nan) continue;
-      const float thr = top - std::fabs(top) * tol;
+      const float thr = top - std::max(std::fabs(top) * tol, atol);
       for (int64_t k = 0; k < K; ++k) hf[size_t(k)] = bf2f(hp[b * K + k]);
       for (int64_t v = 0; v < V; ++v) {
         if (!(o[v] >= thr)) continue;
