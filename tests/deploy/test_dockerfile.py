@@ -1,5 +1,6 @@
-"""The Dockerfile (no Docker here to build it): it installs what the Makefile installs, in the same
-order, copies every package the project ships, and runs as the user the manifests expect."""
+"""The Dockerfile: it installs what the Makefile installs, in the same order, copies every package
+the project ships, and runs as the user the manifests expect. (CI has no Docker engine; the image
+was built and served from once by hand, README "The container image".)"""
 from __future__ import annotations
 
 import re
@@ -29,6 +30,9 @@ def test_install_steps_follow_the_makefile():
         at = [text.find(s) for s in steps]
         assert -1 not in at and at == sorted(at), f"{source}: expected {steps} in this order"
     assert "ray[default]" in runs, "the head's job server (ray job submit, RayJob) needs ray[default]"
+    # An image without its kernels would still serve, several times slower: the build must fail.
+    assert "python -m engine.kernels --require" in runs
+    assert "python3-dev" in runs, "Debian's python3 has no Python.h, which the kernel build needs"
 
 
 def test_copies_every_package():

@@ -64,3 +64,19 @@ def test_old_builds_are_pruned_and_the_current_and_recent_ones_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [current, *recent, building])
     assert kernels.prune_builds(tmp_path, keep=3, current=current, now=now) == []
     assert kernels.prune_builds(tmp_path / "absent", keep=3) == []
+
+
+@pytest.mark.parametrize("require,code", [(False, 0), (True, 1)])
+def test_build_command_fails_only_when_asked_to_require_the_kernels(require, code):
+    """`python -m engine.kernels` (the Makefile's step) tolerates a host where the kernels cannot
+    be used; with --require (the Dockerfile's step) that is an error, so no image ships without
+    them. The kernels are made unusable here with the switch a user has."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PDSERVE_CPU_KERNELS": "0"}
+    cmd = [sys.executable, "-m", "engine.kernels"] + (["--require"] if require else [])
+    run = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True)
+    assert run.returncode == code, run.stderr
+    assert "not available" in run.stdout and "disabled by PDSERVE_CPU_KERNELS" in run.stderr + run.stdout
