@@ -41,6 +41,8 @@ def check_router(docs: tuple[Doc, ...]) -> None:
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]] and "configMap" in volumes[mounts["/etc/pdserve"]]
+    # The image's user's home is written too (Ray's ~/.ray; seen refused in a read-only container).
+    assert "emptyDir" in volumes[mounts["/home/pdserve"]]
     svc = one(docs, "Service", "-router")
     assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
     assert svc["spec"]["selector"].items() <= pod_labels(deploy).items()
@@ -69,6 +71,10 @@ def check_security(docs: tuple[Doc, ...]) -> None:
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], where
             assert "privileged" not in sc and c.get("resources", {}).get("limits"), where
+            if c["name"] in ("router", "ray-head", "ray-worker") and sc.get("readOnlyRootFilesystem"):
+                # What the image writes at run time: /tmp (Ray's session) and the home (~/.ray).
+                writable = {m["mountPath"] for m in c.get("volumeMounts", [])}
+                assert {"/tmp", "/home/pdserve"} <= writable, (where, c["name"], writable)
 
 
 def check_secrets(text: str, docs: tuple[Doc, ...], forbidden: tuple[str, ...] = ()) -> None:

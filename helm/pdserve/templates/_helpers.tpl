@@ -93,12 +93,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- toYaml (merge (dict "readOnlyRootFilesystem" .readOnly) .ctx.Values.securityContext) }}
 {{- end -}}
 
-{{/* Volumes every pdserve container gets: the config and a writable /tmp. */}}
+{{/* Volumes every pdserve container gets: the config, a writable /tmp and a writable home (Ray
+     writes ~/.ray, e.g. its auth token, which a read-only root filesystem refuses). */}}
 {{- define "pdserve.volumes" -}}
 - name: config
   configMap:
     name: {{ include "pdserve.fullname" . }}-config
 - name: tmp
+  emptyDir: {}
+- name: home
   emptyDir: {}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
@@ -111,6 +114,8 @@ app.kubernetes.io/component: {{ .component }}
   readOnly: true
 - name: tmp
   mountPath: /tmp
+- name: home
+  mountPath: /home/pdserve
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
